@@ -1,0 +1,51 @@
+"""Shared fixtures: generated image folders and a tiny backbone, so every test runs in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# A tiny timm ViT (0.3M params) at 64 px with random weights, and no worker processes.
+TINY = [
+    "backbone.name=timm/test_vit",
+    "backbone.weights=none",
+    "backbone.img_size=64",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+]
+
+CLASS_COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "owl": (40, 40, 200)}
+
+
+def make_image(path: Path, colour: tuple[int, int, int], rng: np.random.Generator, size: int = 48) -> None:
+    """A noisy image whose mean colour identifies its class: learnable by a tiny model in 2 epochs."""
+    noise = rng.integers(-40, 40, size=(size, size, 3))
+    pixels = np.clip(np.array(colour)[None, None, :] + noise, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_imagefolder(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for cls, n in counts.items():
+        for i in range(n):
+            make_image(root / cls / f"{cls}_{i:03d}.png", CLASS_COLOURS[cls], rng)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Splits and embeddings are cached under VFMTUNE_CACHE; each test gets its own unless it shares one on purpose.
+    monkeypatch.setenv("VFMTUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def imagefolder(tmp_path: Path) -> Path:
+    """40 images per class, 3 classes."""
+    return make_imagefolder(tmp_path / "images", {"cat": 40, "dog": 40, "owl": 40})

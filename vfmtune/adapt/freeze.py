@@ -1,0 +1,113 @@
+"""Freezing by depth or by name, built on timm's block grouping (`group_matcher`)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Sequence
+
+from timm.models import group_parameters
+from torch import nn
+
+from vfmtune.config import ConfigError
+
+FINETUNE_MODES = ("frozen", "last_blocks", "full")
+_BLOCK_NAME = re.compile(r"(^|\.)(blocks|layers?|stages?)\.\d")
+
+
+def block_groups(backbone: nn.Module) -> list[list[str]]:
+    """Parameter names grouped by depth, input side first: stem, block 0 .. block N-1, final norm/neck.
+
+    Uses timm's `group_matcher(coarse=True)`, the same grouping timm's layer-wise LR decay uses, so it
+    works for ViTs, SAM and CNNs alike.
+    """
+    return list(group_parameters(backbone, backbone.group_matcher(coarse=True)).values())
+
+
+def _trainable_groups(groups: list[list[str]], n_blocks: int) -> list[list[str]]:
+    # Groups after the last numbered block (final norm, SAM's neck) belong to the output side and
+    # train whenever any block does: a frozen final norm after trained blocks only slows learning.
+    tail = 0
+    while tail < len(groups) and not any(_BLOCK_NAME.search(n) for n in groups[-1 - tail]):
+        tail += 1
+    n_block_groups = len(groups) - tail - 1  # minus the stem
+    if n_blocks > n_block_groups:
+        raise ConfigError(
+            f"finetune.n_blocks={n_blocks} but this backbone has {n_block_groups} blocks. "
+            f"Fix: set finetune.n_blocks between 1 and {n_block_groups}, or finetune=full."
+        )
+    return groups[len(groups) - tail - n_blocks:]
+
+
+def _match(names: Sequence[str], patterns: Sequence[str], key: str) -> set[str]:
+    selected: set[str] = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            raise ConfigError(
+                f"{key} pattern {pattern!r} matches no backbone parameter. "
+                f"Examples of names: {', '.join(names[:3])}, ..., {names[-1]}"
+            )
+        selected.update(hits)
+    return selected
+
+
+def apply_finetune(
+    backbone: nn.Module,
+    mode: str,
+    n_blocks: int = 2,
+    freeze: Sequence[str] = (),
+    unfreeze: Sequence[str] = (),
+) -> None:
+    """Set `requires_grad` on the backbone's parameters.
+
+    Args:
+        backbone: a timm model.
+        mode: "frozen" (nothing trains), "last_blocks" (the last `n_blocks` blocks and the final
+            norm train), or "full".
+        n_blocks: for "last_blocks".
+        freeze: fnmatch patterns of parameter names frozen after the mode is applied.
+        unfreeze: fnmatch patterns trained even when the mode froze them (e.g. "*norm*").
+
+    Example:
+        >>> apply_finetune(backbone, "last_blocks", n_blocks=4, unfreeze=["pos_embed"])
+    """
+    if mode not in FINETUNE_MODES:
+        raise ConfigError(f"finetune.mode={mode!r} is not one of {', '.join(FINETUNE_MODES)}.")
+    params = dict(backbone.named_parameters())
+    names = list(params)
+    if mode == "full":
+        trainable = set(names)
+    elif mode == "frozen":
+        trainable = set()
+    else:
+        trainable = {n for group in _trainable_groups(block_groups(backbone), n_blocks) for n in group}
+    trainable |= _match(names, unfreeze, "finetune.unfreeze")
+    trainable -= _match(names, freeze, "finetune.freeze")
+    for name, p in params.items():
+        p.requires_grad_(name in trainable)
+
+
+def is_frozen(module: nn.Module) -> bool:
+    return not any(p.requires_grad for p in module.parameters())
+
+
+def param_table(backbone: nn.Module, head: nn.Module | None = None) -> str:
+    """A text table of trainable vs total parameters per block group, printed at the start of a run."""
+    rows: list[tuple[str, int, int]] = []
+    params = dict(backbone.named_parameters())
+    for i, group in enumerate(block_groups(backbone)):
+        label = group[0].split(".")[0] if i == 0 else ".".join(group[0].split(".")[:2])
+        if i == 0:
+            label = "stem"
+        total = sum(params[n].numel() for n in group)
+        train = sum(params[n].numel() for n in group if params[n].requires_grad)
+        rows.append((label, train, total))
+    if head is not None:
+        rows.append(("head", sum(p.numel() for p in head.parameters() if p.requires_grad), sum(p.numel() for p in head.parameters())))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'group':<{width}}  {'trainable':>12}  {'total':>12}"]
+    lines += [f"{name:<{width}}  {t:>12,}  {n:>12,}" for name, t, n in rows]
+    t_all, n_all = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    lines.append(f"{'all':<{width}}  {t_all:>12,}  {n_all:>12,}  ({100 * t_all / max(n_all, 1):.2f}% trainable)")
+    return "\n".join(lines)

@@ -1,0 +1,366 @@
+"""The functions behind every command; the CLI and notebooks both call these (one code path, two doors).
+
+Example:
+    >>> import vfmtune
+    >>> result = vfmtune.train(overrides=["data.root=/data/parts", "trainer.max_epochs=5"], run_dir="runs/parts")
+    >>> result["metrics"]["test/macro_f1"]
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset, TensorDataset
+
+from vfmtune.adapt.freeze import is_frozen, param_table
+from vfmtune.checkpoint import AtomicCheckpointIO, load_checkpoint
+from vfmtune.config import Config, ConfigError, check_kwargs, config_dirs, register_configs, safe_instantiate, to_container
+from vfmtune.data.datamodule import ClassificationData, ImageDataset
+from vfmtune.data.images import IMG_EXTENSIONS, DataError, scan_images
+from vfmtune.data.sources import SampleTable, from_imagefolder, from_manifest, packaged_dataset
+from vfmtune.data.splits import resolve_splits, save_splits
+from vfmtune.data.transforms import build_transforms
+from vfmtune.embed import EmbeddingCache, model_key
+from vfmtune.report import plot_confusion_matrix, plot_curves, results_table, split_summary, write_json
+from vfmtune.tasks.classifier import Classifier
+from vfmtune.weights import cache_dir as default_cache_dir
+
+SPLITS = ("train", "val", "test")
+
+
+def load_config(*overrides: str) -> DictConfig:
+    """Compose the same config `vfmtune <command> OVERRIDES...` would, without running anything.
+
+    Example:
+        >>> cfg = load_config("backbone=vit_b16", "trainer.max_epochs=3")
+        >>> cfg.backbone.name
+        'vit_b16'
+    """
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    conf_dir, recipes_parent = config_dirs()
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        return compose("config", overrides=[*overrides, f"hydra.searchpath=[file://{recipes_parent}]"])
+
+
+@dataclass
+class Prepared:
+    """A dataset after scanning and splitting: what every command works from."""
+
+    table: SampleTable
+    splits: list[str]
+
+    def subset(self, split: str) -> tuple[list[str], list[int]]:
+        keep = [i for i, s in enumerate(self.splits) if split == "all" or s == split]
+        return [self.table.paths[i] for i in keep], [self.table.labels[i] for i in keep]
+
+
+def _as_dict(cfg: Config | DictConfig | dict[str, Any] | None, overrides: Sequence[str]) -> dict[str, Any]:
+    if cfg is None:
+        cfg = load_config(*overrides)
+    return to_container(cfg)
+
+
+def _run_dir(run_dir: Optional[str | Path], command: str) -> Path:
+    path = Path(run_dir) if run_dir else Path("runs") / command / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cache_root(cfg: dict[str, Any]) -> Path:
+    return Path(cfg["cache_dir"]).expanduser() if cfg.get("cache_dir") else default_cache_dir()
+
+
+def sample_table(data: dict[str, Any]) -> SampleTable:
+    """Samples from `data.root` (ImageFolder), `data.manifest` (CSV) or the packaged `data.dataset`."""
+    if data.get("root"):
+        return from_imagefolder(data["root"])
+    if data.get("manifest"):
+        return from_manifest(data["manifest"])
+    if data.get("dataset"):
+        return from_imagefolder(packaged_dataset(data["dataset"]))
+    raise ConfigError("No data given. Set data.root=/path/to/imagefolder, data.manifest=/path/to/list.csv or data.dataset=textile.")
+
+
+def _scan(paths: list[str], on_bad: str, workers: int) -> list[bool]:
+    if on_bad not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_image={on_bad!r} is not one of error, skip.")
+    ok, report = scan_images(paths, on_bad=on_bad, workers=max(workers, 1))
+    if report.bad or report.ignored:
+        print(report.format())
+    return ok
+
+
+def prepare_data(cfg: dict[str, Any], run_dir: Path) -> Prepared:
+    """List, scan (stop or skip on bad files), split (stratified, persisted) and report a dataset."""
+    data = cfg["data"]
+    table = sample_table(data)
+    ok = _scan(table.paths, data["on_bad_image"], data["num_workers"])
+    if not all(ok):
+        keep = [i for i, good in enumerate(ok) if good]
+        table = SampleTable(
+            paths=[table.paths[i] for i in keep],
+            labels=[table.labels[i] for i in keep],
+            classes=table.classes,
+            splits=[table.splits[i] for i in keep] if table.splits else None,
+            ignored=table.ignored,
+        )
+    splits = resolve_splits(table, data["val_fraction"], data["test_fraction"], data["seed"], _cache_root(cfg))
+    save_splits(run_dir / "splits.csv", table.paths, table.labels, table.classes, splits)
+    print(f"{len(table.paths)} images, {len(table.classes)} classes; split saved to {run_dir / 'splits.csv'}")
+    print(split_summary(table.labels, splits, table.classes))
+    return Prepared(table, splits)
+
+
+def _weights_digest(module: torch.nn.Module) -> str:
+    """Identity of the actual tensors: a cache can never serve features of other weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _datasets(
+    cfg: dict[str, Any], model: Classifier, prepared: Prepared, splits: Sequence[str], use_cache: bool
+) -> dict[str, Dataset]:
+    """Per split: cached embeddings (frozen backbone) or images with train/eval transforms."""
+    from vfmtune.backbones import data_config
+
+    train_tf, eval_tf = build_transforms(data_config(model.backbone, cfg["backbone"]["img_size"]), cfg["data"]["augment"])
+    if use_cache:
+        key = model_key(cfg["backbone"]["name"], _weights_digest(model.backbone), eval_tf)
+        cache = EmbeddingCache(_cache_root(cfg) / "embeddings" / key)
+        paths, labels = prepared.subset("all")
+        t0 = time.perf_counter()
+        features = cache.embed(model.backbone, paths, eval_tf, cfg["data"]["batch_size"], cfg["data"]["num_workers"])
+        print(f"embeddings ready in {time.perf_counter() - t0:.1f}s ({cache.folder})")
+        model.embeddings_input = True
+        by_path = dict(zip(paths, features))
+        out = {}
+        for split in splits:
+            p, y = prepared.subset(split)
+            feats = torch.stack([by_path[x] for x in p]) if p else torch.empty(0, features.shape[1])
+            out[split] = TensorDataset(feats, torch.tensor(y, dtype=torch.long))
+        return out
+    return {
+        split: ImageDataset(*prepared.subset(split), train_tf if split == "train" else eval_tf) for split in splits
+    }
+
+
+def _uses_cache(cfg: dict[str, Any], model: Classifier) -> bool:
+    return bool(cfg["finetune"]["cache_embeddings"]) and is_frozen(model.backbone)
+
+
+def _trainer(cfg: dict[str, Any], run_dir: Path, callbacks: list, **extra: Any) -> L.Trainer:
+    kwargs = {k: v for k, v in {**cfg["trainer"], **extra}.items() if v is not None}
+    check_kwargs(L.Trainer.__init__, kwargs, "trainer")
+    logger: Any = False
+    if cfg["logger"] == "csv":
+        logger = L.pytorch.loggers.CSVLogger(run_dir, name="logs", version="")
+    elif cfg["logger"] == "tensorboard":
+        logger = L.pytorch.loggers.TensorBoardLogger(run_dir, name="tensorboard", version="")
+    elif cfg["logger"] != "none":
+        raise ConfigError(f"logger={cfg['logger']!r} is not one of csv, tensorboard, none.")
+    kwargs.setdefault("logger", logger)
+    return L.Trainer(default_root_dir=run_dir, callbacks=callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
+
+
+def _write_report(metrics: dict[str, Any], classes: Sequence[str], run_dir: Path, prefixes: Sequence[str]) -> None:
+    (run_dir / "plots").mkdir(exist_ok=True)
+    for prefix in prefixes:
+        if f"{prefix}/confusion_matrix" in metrics:
+            plot_confusion_matrix(metrics[f"{prefix}/confusion_matrix"], classes, run_dir / "plots" / f"confusion_matrix_{prefix}.png", f"{prefix} confusion matrix")
+    plot_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "curves.png")
+    write_json(run_dir / "metrics.json", metrics)
+    for prefix in prefixes:
+        if f"{prefix}/accuracy" in metrics:
+            print(results_table(metrics, classes, prefix))
+    print(f"run directory: {run_dir}")
+
+
+def train(
+    cfg: Config | DictConfig | dict[str, Any] | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    run_dir: Optional[str | Path] = None,
+) -> dict[str, Any]:
+    """Fine-tune a backbone + head; write checkpoints, metrics.json and plots into the run directory.
+
+    Args:
+        cfg: a composed config (`load_config(...)`), or None to compose one from `overrides`.
+        overrides: Hydra override strings, exactly as on the command line.
+        run_dir: where the run's files go (default `runs/train/<timestamp>`).
+
+    Returns:
+        `{"run_dir": ..., "metrics": {...}, "best_checkpoint": ...}`.
+    """
+    config = _as_dict(cfg, overrides)
+    out = _run_dir(run_dir, "train")
+    if not (out / ".hydra" / "config.yaml").is_file():
+        (out / ".hydra").mkdir(exist_ok=True)
+        OmegaConf.save(OmegaConf.create(config), out / ".hydra" / "config.yaml")
+    L.seed_everything(config["seed"], workers=True, verbose=False)
+    prepared = prepare_data(config, out)
+    for split in ("train",) + (("val",) if config["data"]["val_fraction"] > 0 else ()):
+        if split not in prepared.splits:
+            raise DataError(f"The {split} split is empty. Fix: add images or change data.val_fraction / data.test_fraction.")
+    model = Classifier(config, prepared.table.classes)
+    print(param_table(model.backbone, model.head))
+    splits = [s for s in SPLITS if s in prepared.splits]
+    use_cache = _uses_cache(config, model)
+    data = ClassificationData(
+        _datasets(config, model, prepared, splits, use_cache),
+        batch_size=config["data"]["batch_size"],
+        num_workers=0 if use_cache else config["data"]["num_workers"],
+    )
+    has_val = "val" in splits
+    monitor = config["monitor"] if has_val else None
+    ckpt_cb = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max", save_last=True, auto_insert_metric_name=False
+    )
+    callbacks: list[Any] = [ckpt_cb]
+    stop = config["early_stopping"]
+    if stop["enabled"] and has_val:
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=stop["patience"], min_delta=stop["min_delta"]))
+    callbacks += [safe_instantiate(c, f"callbacks[{i}]") for i, c in enumerate(config["callbacks"])]
+    trainer = _trainer(config, out, callbacks)
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    train_seconds = time.perf_counter() - t0
+    best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
+    metrics: dict[str, Any] = {}
+    if has_val:
+        trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False)
+        metrics.update(model.eval_results["val"])
+    if "test" in splits:
+        trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
+        metrics.update(model.eval_results["test"])
+    metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2)})
+    if trainer.is_global_zero:
+        _write_report(metrics, prepared.table.classes, out, ("val", "test"))
+    return {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
+
+
+def load_model(ckpt: str | Path) -> Classifier:
+    """A trained classifier from a checkpoint file or run directory (loaded with weights_only=True)."""
+    checkpoint = load_checkpoint(ckpt)
+    hp = checkpoint["hyper_parameters"]
+    model = Classifier(hp["config"], hp["classes"], load_weights=False)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def _overridden(overrides: Sequence[str], section: str) -> list[str]:
+    return [o.split(".", 1)[1] for o in overrides if o.startswith(f"{section}.")]
+
+
+def evaluate(
+    cfg: Config | DictConfig | dict[str, Any] | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    run_dir: Optional[str | Path] = None,
+) -> dict[str, Any]:
+    """Recompute metrics.json for `ckpt` on a split (`split=test` by default) of its data, or of the
+    data named by `data.*` overrides (e.g. `data.root=/new/images split=all`)."""
+    config = _as_dict(cfg, overrides)
+    if not config.get("ckpt"):
+        raise ConfigError("evaluate needs ckpt=PATH (a .ckpt file or a run directory).")
+    out = _run_dir(run_dir, "evaluate")
+    model = load_model(config["ckpt"])
+    trained = model.config
+    data_cfg = OmegaConf.merge(OmegaConf.create(trained["data"]), OmegaConf.from_dotlist(_overridden(overrides, "data")))
+    run_cfg = {**trained, "data": OmegaConf.to_container(data_cfg), "cache_dir": config.get("cache_dir"), "trainer": config["trainer"], "logger": "none"}
+    prepared = prepare_data(run_cfg, out)
+    if prepared.table.classes != model.classes:
+        unknown = sorted(set(prepared.table.classes) - set(model.classes))
+        if unknown:
+            raise DataError(f"Classes {unknown} are not among the checkpoint's classes {model.classes}.")
+        index = {c: model.classes.index(c) for c in prepared.table.classes}
+        prepared.table.labels = [index[prepared.table.classes[y]] for y in prepared.table.labels]
+        prepared.table.classes = model.classes
+    split = config["split"]
+    if split not in (*SPLITS, "all"):
+        raise ConfigError(f"split={split!r} is not one of train, val, test, all.")
+    if split != "all" and split not in prepared.splits:
+        raise DataError(f"The {split} split of this data is empty; use split=all to evaluate every image.")
+    use_cache = _uses_cache(run_cfg, model)
+    datasets = _datasets(run_cfg, model, prepared, ["all" if split == "all" else split], use_cache)
+    data = ClassificationData({"test": next(iter(datasets.values()))}, run_cfg["data"]["batch_size"], 0 if use_cache else run_cfg["data"]["num_workers"])
+    trainer = _trainer(run_cfg, out, [], enable_checkpointing=False)
+    trainer.test(model, datamodule=data, verbose=False)
+    metrics = {k.replace("test/", f"{split}/", 1): v for k, v in model.eval_results["test"].items()}
+    metrics["checkpoint"] = str(config["ckpt"])
+    _write_report(metrics, model.classes, out, (split,))
+    return {"run_dir": str(out), "metrics": metrics}
+
+
+def _list_images(images: str) -> list[str]:
+    root = Path(images).expanduser()
+    if root.is_file():
+        return [str(root.resolve())]
+    if not root.is_dir():
+        raise DataError(f"images={images}: no such file or folder.")
+    paths = sorted(str(p.resolve()) for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith("."))
+    if not paths:
+        raise DataError(f"images={images}: no image files ({', '.join(IMG_EXTENSIONS)}) found.")
+    return paths
+
+
+def predict(
+    cfg: Config | DictConfig | dict[str, Any] | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    run_dir: Optional[str | Path] = None,
+) -> dict[str, Any]:
+    """Classify `images` (a folder or a file) with `ckpt`; writes predictions.csv (path, class, p_<class>...)."""
+    from vfmtune.backbones import data_config
+
+    config = _as_dict(cfg, overrides)
+    if not config.get("ckpt") or not config.get("images"):
+        raise ConfigError("predict needs ckpt=PATH and images=DIR.")
+    out = _run_dir(run_dir, "predict")
+    model = load_model(config["ckpt"])
+    paths = _list_images(config["images"])
+    ok = _scan(paths, config["data"]["on_bad_image"], config["data"]["num_workers"])
+    paths = [p for p, good in zip(paths, ok) if good]
+    _, eval_tf = build_transforms(data_config(model.backbone, model.config["backbone"]["img_size"]), {"enabled": False})
+    data = ClassificationData({"predict": ImageDataset(paths, [0] * len(paths), eval_tf)}, config["data"]["batch_size"], config["data"]["num_workers"])
+    trainer = _trainer({**config, "logger": "none"}, out, [], enable_checkpointing=False)
+    probs = torch.cat(trainer.predict(model, datamodule=data))
+    path = out / "predictions.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "class", *(f"p_{c}" for c in model.classes)])
+        for p, row in zip(paths, probs.tolist()):
+            writer.writerow([p, model.classes[max(range(len(row)), key=row.__getitem__)], *(f"{v:.6f}" for v in row)])
+    print(f"{len(paths)} predictions written to {path}")
+    return {"run_dir": str(out), "predictions": str(path)}
+
+
+def embed(
+    cfg: Config | DictConfig | dict[str, Any] | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    run_dir: Optional[str | Path] = None,
+) -> dict[str, Any]:
+    """Build the embedding cache of the configured (frozen) backbone for every image of the data."""
+    config = _as_dict(cfg, overrides)
+    out = _run_dir(run_dir, "embed")
+    prepared = prepare_data(config, out)
+    model = Classifier({**config, "finetune": {**config["finetune"], "mode": "frozen"}}, prepared.table.classes)
+    datasets = _datasets(config, model, prepared, ["all"], use_cache=True)
+    n, dim = datasets["all"].tensors[0].shape
+    print(f"{n} embeddings of size {dim} cached")
+    return {"run_dir": str(out), "num_embeddings": n, "dim": dim}

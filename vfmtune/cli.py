@@ -1,0 +1,126 @@
+"""`vfmtune <command> [hydra overrides]`: a thin Hydra front door to `vfmtune.api`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from vfmtune import api
+from vfmtune.config import ConfigError, config_dirs, register_configs
+from vfmtune.weights import WeightsError
+
+COMMANDS: dict[str, Callable] = {
+    "train": api.train,
+    "evaluate": api.evaluate,
+    "predict": api.predict,
+    "embed": api.embed,
+}
+
+USAGE = """usage: vfmtune <command> [key=value ...] [hydra options]
+
+commands:
+  train      fine-tune a backbone + head          vfmtune train data.root=/path/to/imagefolder
+  evaluate   recompute metrics for a checkpoint   vfmtune evaluate ckpt=runs/train/<date>/checkpoints/best.ckpt
+  predict    classify images with a checkpoint    vfmtune predict ckpt=RUN_DIR images=/path/to/images
+  embed      build the frozen-backbone cache      vfmtune embed backbone=dinov2_vits14
+
+`vfmtune train --cfg job` prints the composed config; `-m` runs a sweep (e.g. optim.lr=1e-3,1e-4);
+`hydra.run.dir=DIR` sets the run directory; `recipes=<name>` applies a recipe from recipes/.
+"""
+
+# Errors a user can fix from the command line: printed as one message, no traceback.
+# (DataError and ConfigError are ValueErrors.)
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, WeightsError)
+
+
+def _config_groups() -> set[str]:
+    conf_dir, _ = config_dirs()
+    return {p.name for p in conf_dir.iterdir() if p.is_dir()} | {"recipes"}
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Reject unknown keys before Hydra runs, naming the valid keys at that level.
+
+    Hydra's own message says a key "is not in struct" without listing alternatives. Free-form
+    sections (trainer, loss, early_stopping) are checked later against their classes' signatures.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra.")])
+    groups = _config_groups()
+    choices = []
+    for o in parsed:
+        if o.key_or_group in groups and not o.is_add() and not o.is_delete():
+            value = o.value()
+            choices.append(f"{o.key_or_group}={value[0] if isinstance(value, list) else o.get_value_element_as_str()}")
+    cfg: DictConfig = api.load_config(*choices)
+    for o in parsed:
+        if o.is_add() or o.is_delete() or o.key_or_group in groups:
+            continue
+        node = cfg
+        parts = o.key_or_group.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, DictConfig) or OmegaConf.get_type(node) is dict:
+                break  # free-form section: validated against its target's signature at run time
+            if part not in node:
+                where = ".".join(parts[:depth]) or "the top level"
+                valid = ", ".join(sorted(str(k) for k in node.keys()))
+                raise ConfigError(f"Unknown key '{o.key_or_group}'. Valid keys at {where}: {valid}")
+            node = node[part]
+
+
+# Hydra flags that take a value ("--cfg job"): that value is not an override.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+
+
+def _overrides_only(args: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = a in _FLAGS_WITH_VALUE and a not in ("--info", "-i")
+        else:
+            out.append(a)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import hydra
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"vfmtune: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+    register_configs()
+    try:
+        check_overrides(_overrides_only(rest))
+    except Exception as e:  # noqa: BLE001 - a composition error is the user's to fix; show it plainly
+        print(f"vfmtune {command}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    conf_dir, base = config_dirs()
+    # Injected first: argparse takes overrides only before the first flag ("... a=b --cfg job").
+    sys.argv = [f"vfmtune {command}", f"hydra.job.name={command}", f"hydra.searchpath=[file://{base}]", *rest]
+
+    @hydra.main(config_path=str(conf_dir), config_name="config", version_base="1.3")
+    def run(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        try:
+            COMMANDS[command](cfg, overrides=list(hc.overrides.task), run_dir=hc.runtime.output_dir)
+        except USER_ERRORS as e:
+            print(f"\nvfmtune {command}: {type(e).__name__}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    run()
+
+
+if __name__ == "__main__":
+    main()

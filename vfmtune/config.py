@@ -1,0 +1,212 @@
+"""The config schema: one set of dataclasses that Hydra's YAML fills and the Python API reuses.
+
+Every setting is defined here once. `conf/` holds small YAML diffs against these defaults, and
+`recipes/` holds complete experiments as overrides. `trainer` is `lightning.Trainer`'s own
+signature (read from it, not repeated here); `callbacks` are allow-listed `_target_` entries.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "dinov2_vits14"  # an alias (see vfmtune.backbones.ALIASES) or "timm/<name>"
+    weights: str = "packaged"  # hub | file | packaged | none
+    path: Optional[str] = None  # checkpoint file for weights=file
+    img_size: Optional[int] = 224  # model input size; position embeddings are resampled to it
+    global_pool: Optional[str] = None  # timm pooling override ("token", "avg", ...)
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    # Training-time augmentation, built by timm.data.create_transform; eval transforms never augment.
+    enabled: bool = True
+    hflip: float = 0.5
+    vflip: float = 0.0
+    scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop area range
+    color_jitter: float = 0.0
+    auto_augment: Optional[str] = None  # e.g. "rand-m9-mstd0.5"
+
+
+@dataclass
+class DataConfig:
+    dataset: Optional[str] = "textile"  # packaged dataset, used when neither root nor manifest is set
+    root: Optional[str] = None  # ImageFolder: one sub-folder per class
+    manifest: Optional[str] = None  # CSV with columns path,label[,split]
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0  # split seed; kept apart from the training seed so splits stay fixed
+    batch_size: int = 32
+    num_workers: int = 2
+    on_bad_image: str = "error"  # error: stop with a report | skip: drop and count bad files
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class HeadConfig:
+    type: str = "linear"  # linear | mlp
+    hidden_dim: int = 512  # mlp only
+    dropout: float = 0.0
+    # BatchNorm without affine before the head, as in MAE's linear probe: frozen ViT features have
+    # very uneven scales, and normalising them makes the head's learning rate far less touchy.
+    feature_norm: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = "frozen"  # frozen | last_blocks | full
+    n_blocks: int = 2  # last_blocks only: how many of the backbone's last blocks train
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names to freeze
+    unfreeze: list[str] = field(default_factory=list)  # patterns to train even when frozen by mode
+    cache_embeddings: bool = True  # frozen backbone: train the head on cached embeddings
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # any timm.optim name: adamw | sgd | ...
+    lr: float = 1e-3  # head learning rate
+    backbone_lr_scale: float = 0.1  # trainable backbone params get lr * this
+    weight_decay: float = 0.05  # never applied to norms, biases, tokens and position embeddings
+    momentum: float = 0.9  # sgd only
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"  # cosine | step | onecycle | none
+    warmup_epochs: float = 1.0  # cosine: linear warm-up length
+    min_lr_ratio: float = 0.01  # cosine: final lr as a fraction of the peak
+    step_epochs: int = 10  # step: decay every N epochs
+    gamma: float = 0.1  # step: decay factor
+    pct_start: float = 0.3  # onecycle: fraction of steps spent increasing the lr
+
+
+def _default_trainer() -> dict[str, Any]:
+    """Every plain-valued `lightning.Trainer` argument with Lightning's default: the Trainer's
+    signature is the schema, so any of its options can be overridden as `trainer.<name>=...`."""
+    import lightning as L
+
+    ours = {"logger", "callbacks", "plugins", "default_root_dir"}  # built by vfmtune.api
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(L.Trainer.__init__).parameters.items()
+        if name not in ours and name != "self" and isinstance(p.default, (type(None), bool, int, float, str))
+    }
+    # vfmtune prints its own trainable-parameter table per block, so Lightning's summary is off.
+    return {**defaults, "max_epochs": 30, "devices": 1, "log_every_n_steps": 10, "enable_model_summary": False}
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"  # ce
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = True
+    patience: int = 10  # validation epochs without improvement of `monitor` before stopping
+    min_delta: float = 0.0
+
+
+@dataclass
+class Config:
+    """The whole run. `vfmtune <command>` composes it from `conf/config.yaml` plus overrides."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: dict[str, Any] = field(default_factory=_default_trainer)  # lightning.Trainer kwargs
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    callbacks: list[Any] = field(default_factory=list)  # extra allow-listed `_target_` callbacks
+    monitor: str = "val/macro_f1"  # checkpoint selection and early stopping metric (maximised)
+    logger: str = "csv"  # csv | tensorboard | none
+    seed: int = 0
+    cache_dir: Optional[str] = None  # default: $VFMTUNE_CACHE or ~/.cache/vfmtune
+    # evaluate / predict
+    ckpt: Optional[str] = None  # a checkpoint file or a run directory
+    split: str = "test"  # evaluate: train | val | test | all
+    images: Optional[str] = None  # predict: a folder (searched recursively) or one image
+
+
+def register_configs() -> None:
+    """Register the schema so that `conf/config.yaml` can extend it (type-checked, unknown keys rejected)."""
+    ConfigStore.instance().store(name="vfmtune_schema", node=Config)
+
+
+# Hydra's `instantiate` will import and call anything a YAML file names; configs may come from
+# users or shared recipes, so only classes from these packages may be built from them.
+ALLOWED_TARGET_PREFIXES = (
+    "torch.", "timm.", "lightning.", "torchmetrics.", "vfmtune.", "peft.", "sklearn.", "imblearn.",
+)
+
+
+def _check_targets(node: Any, where: str) -> None:
+    if isinstance(node, (dict, DictConfig)):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(ALLOWED_TARGET_PREFIXES):
+            raise ConfigError(
+                f"{where}._target_={target!r} is not allowed: configs may only build classes from "
+                f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGET_PREFIXES)}."
+            )
+        for key, value in node.items():
+            _check_targets(value, f"{where}.{key}")
+    elif isinstance(node, (list, ListConfig)):
+        for i, value in enumerate(node):
+            _check_targets(value, f"{where}[{i}]")
+
+
+def safe_instantiate(node: Any, where: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate` restricted to `ALLOWED_TARGET_PREFIXES`.
+
+    Example:
+        >>> safe_instantiate({"_target_": "torch.nn.CrossEntropyLoss"}, "loss")
+        CrossEntropyLoss()
+    """
+    from hydra.utils import instantiate
+
+    _check_targets(node, where)
+    return instantiate(node, **kwargs)
+
+
+def check_kwargs(target: Any, kwargs: dict[str, Any], where: str) -> None:
+    """Reject keys that `target`'s signature does not accept, naming the valid ones."""
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        valid = ", ".join(sorted(k for k in params if k != "self"))
+        raise ConfigError(f"Unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}. Valid keys: {valid}")
+
+
+def to_container(cfg: Config | DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Plain, resolved Python types: safe to store in checkpoints loaded with weights_only=True."""
+    if isinstance(cfg, dict):
+        return cfg
+    return OmegaConf.to_container(OmegaConf.structured(cfg) if isinstance(cfg, Config) else cfg, resolve=True)
+
+
+def config_dirs() -> tuple[Path, Path]:
+    """(conf dir, folder holding `recipes/`): the repo layout in a checkout, the wheel's copy otherwise."""
+    pkg = Path(importlib.import_module("vfmtune").__file__).parent
+    packed = pkg / "_configs"
+    base = packed if (packed / "conf").is_dir() else pkg.parent
+    return base / "conf", base

@@ -1,0 +1,93 @@
+"""What a run leaves behind: metrics.json, plots/ and the printed results table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Atomic JSON write (tmp + os.replace) so a crash never leaves half a metrics file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike, title: str) -> None:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2.5))
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(classes)).plot(ax=ax, colorbar=False, xticks_rotation=45)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Loss and validation metrics per epoch from Lightning's CSVLogger file; False if nothing to plot."""
+    if not Path(metrics_csv).is_file():
+        return False
+    rows = list(csv.DictReader(open(metrics_csv)))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if not row.get("epoch"):
+            continue
+        for key in ("train/loss_epoch", "val/loss", "val/macro_f1", "val/balanced_accuracy", "val/accuracy"):
+            if row.get(key):
+                series.setdefault(key, []).append((float(row["epoch"]), float(row[key])))
+    if not series:
+        return False
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, points in series.items():
+        ax = ax_loss if key.endswith("loss") or key.endswith("loss_epoch") else ax_metric
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker=".", label=key)
+    for ax, title in ((ax_loss, "loss"), (ax_metric, "validation")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def results_table(metrics: dict[str, Any], classes: Sequence[str], prefix: str = "test") -> str:
+    """Overall metrics and a per-class precision / recall / F1 table."""
+    lines = [f"{prefix} results"]
+    for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+        if f"{prefix}/{name}" in metrics:
+            lines.append(f"  {name:<18} {metrics[f'{prefix}/{name}']:.4f}")
+    width = max(len(c) for c in classes) + 2
+    lines.append(f"  {'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    matrix = metrics.get(f"{prefix}/confusion_matrix")
+    for i, cls in enumerate(classes):
+        support = sum(matrix[i]) if matrix else 0
+        p, r, f = (metrics.get(f"{prefix}/{m}/{cls}", float("nan")) for m in ("precision", "recall", "f1"))
+        lines.append(f"  {cls:<{width}} {p:>9.4f} {r:>9.4f} {f:>9.4f} {support:>8}")
+    return "\n".join(lines)
+
+
+def split_summary(labels: Sequence[int], splits: Sequence[str], classes: Sequence[str]) -> str:
+    """Class distribution of each split, printed at the start of a run so imbalance is visible."""
+    names = [s for s in ("train", "val", "test") if s in set(splits)]
+    width = max(len(c) for c in classes) + 2
+    lines = [f"  {'class':<{width}}" + "".join(f"{s:>8}" for s in names)]
+    for i, cls in enumerate(classes):
+        counts = [sum(1 for y, s in zip(labels, splits) if y == i and s == name) for name in names]
+        lines.append(f"  {cls:<{width}}" + "".join(f"{c:>8}" for c in counts))
+    lines.append(f"  {'total':<{width}}" + "".join(f"{sum(1 for s in splits if s == n):>8}" for n in names))
+    return "\n".join(lines)

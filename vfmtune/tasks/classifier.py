@@ -1,0 +1,178 @@
+"""Image classification: a timm backbone plus a new head, as a LightningModule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from timm.optim import create_optimizer_v2
+from timm.optim._param_groups import param_groups_weight_decay
+from torch import nn
+from typing_extensions import override
+
+from vfmtune.adapt.freeze import apply_finetune, is_frozen
+from vfmtune.backbones import create_backbone
+from vfmtune.config import ConfigError
+from vfmtune.losses import build_loss
+from vfmtune.metrics import classification_metrics, flatten
+
+SCHEDULERS = ("cosine", "step", "onecycle", "none")
+
+
+def build_head(in_features: int, num_classes: int, cfg: dict[str, Any]) -> nn.Sequential:
+    """Linear or MLP head over pooled backbone features of shape [B, in_features] -> logits [B, C]."""
+    layers: list[nn.Module] = []
+    if cfg.get("feature_norm", False):
+        layers.append(nn.BatchNorm1d(in_features, affine=False))
+    if cfg["type"] == "mlp":
+        layers += [nn.Linear(in_features, cfg["hidden_dim"]), nn.GELU(), nn.Dropout(cfg["dropout"])]
+        layers.append(nn.Linear(cfg["hidden_dim"], num_classes))
+    elif cfg["type"] == "linear":
+        layers += [nn.Dropout(cfg["dropout"]), nn.Linear(in_features, num_classes)]
+    else:
+        raise ConfigError(f"head.type={cfg['type']!r} is not one of linear, mlp.")
+    return nn.Sequential(*layers)
+
+
+class Classifier(L.LightningModule):
+    """Backbone + head, trained with the run's optimiser, schedule and loss.
+
+    Args:
+        config: the run's config as plain Python types (see `vfmtune.config.Config`); stored in the
+            checkpoint so that it loads with `torch.load(weights_only=True)`.
+        classes: class names, index = label.
+        load_weights: build the backbone with its configured weights; False when a checkpoint's
+            state dict is about to replace them anyway (no hub or packaged lookup then).
+
+    Example:
+        >>> model = Classifier(to_container(Config()), ["ok", "defect"])
+        >>> logits = model(torch.randn(2, 3, 224, 224))  # [2, 2]
+    """
+
+    def __init__(self, config: dict[str, Any], classes: Sequence[str], load_weights: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config, "classes": list(classes)})
+        self.config = config
+        self.classes = list(classes)
+        b = config["backbone"]
+        self.backbone = create_backbone(
+            b["name"],
+            weights=b["weights"] if load_weights else "none",
+            path=b["path"],
+            img_size=b["img_size"],
+            drop_path_rate=b["drop_path_rate"],
+            global_pool=b["global_pool"],
+        )
+        ft = config["finetune"]
+        apply_finetune(self.backbone, ft["mode"], ft["n_blocks"], ft["freeze"], ft["unfreeze"])
+        self.head = build_head(self.backbone.num_features, len(self.classes), config["head"])
+        self.loss_fn = build_loss(config["loss"])
+        # True when batches hold cached backbone embeddings [B, D] instead of images [B, 3, H, W].
+        self.embeddings_input = False
+        self.val_metrics = classification_metrics(len(self.classes))
+        self.test_metrics = classification_metrics(len(self.classes))
+        self.eval_results: dict[str, dict[str, Any]] = {}  # last computed metrics per prefix
+
+    @override
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] -> logits [B, num_classes]."""
+        return self.head(self.backbone(images))
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(inputs) if self.embeddings_input else self(inputs)
+
+    @override
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        # A frozen backbone stays in eval mode: dropout / drop-path / BN statistics must not change
+        # features that are meant to be fixed (and that the embedding cache assumes are).
+        if mode and is_frozen(self.backbone):
+            self.backbone.eval()
+        return self
+
+    @override
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss_fn(self.logits(x), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
+        x, y = batch
+        logits = self.logits(x)
+        self.log(f"{prefix}/loss", self.loss_fn(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
+        (self.val_metrics if prefix == "val" else self.test_metrics).update(logits.argmax(-1), y)
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        metrics = self.val_metrics if prefix == "val" else self.test_metrics
+        flat = flatten(metrics.compute(), prefix, self.classes)
+        metrics.reset()
+        # Values are already reduced across processes by torchmetrics, hence no sync_dist here.
+        for key, value in flat.items():
+            if not isinstance(value, list):
+                self.log(key, value, prog_bar=key == f"{prefix}/macro_f1")
+        self.eval_results[prefix] = flat
+
+    @override
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    @override
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.logits(x).softmax(-1)
+
+    @override
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig | torch.optim.Optimizer:
+        o, s = self.config["optim"], self.config["sched"]
+        # Norms, biases, tokens and position embeddings get no weight decay (timm's grouping).
+        nwd = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        groups = param_groups_weight_decay(self.head, o["weight_decay"])
+        for g in param_groups_weight_decay(self.backbone, o["weight_decay"], nwd):
+            groups.append({**g, "lr": o["lr"] * o["backbone_lr_scale"]})
+        groups = [g for g in groups if g["params"]]
+        optimizer = create_optimizer_v2(groups, opt=o["name"], lr=o["lr"], weight_decay=o["weight_decay"], momentum=o["momentum"])
+        if s["name"] == "none":
+            return optimizer
+        if s["name"] not in SCHEDULERS:
+            raise ConfigError(f"sched.name={s['name']!r} is not one of {', '.join(SCHEDULERS)}.")
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        per_epoch = max(total // max(self.trainer.max_epochs or 1, 1), 1)
+        if s["name"] == "step":
+            sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=s["step_epochs"], gamma=s["gamma"])
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if s["name"] == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total, pct_start=s["pct_start"]
+            )
+        else:
+            warmup = int(s["warmup_epochs"] * per_epoch)
+            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, total, s["min_lr_ratio"]))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR multiplier: linear warm-up from ~0 to 1, then cosine decay to `min_ratio` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
