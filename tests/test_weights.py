@@ -157,13 +157,14 @@ def test_packaged__real_images_give_dinov2_like_features(packaged_env: Path) -> 
     assert pooled.shape == (3, 384) and torch.isfinite(tokens).all()
     assert pooled.std(dim=1).min() > 0.1  # not collapsed across channels
     assert tokens[:, 1:].std(dim=1).mean() > 0.1  # patch tokens vary over the image
-    assert torch.cdist(pooled, pooled).fill_diagonal_(float("inf")).min() > 1e-2  # images are told apart
+    # Images are told apart: about 2-16 apart here, while a random-init backbone maps all three within 2e-3.
+    assert torch.cdist(pooled, pooled).fill_diagonal_(float("inf")).min() > 0.5
 
 
 @pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
 def test_check_hub_reachable__offline_env(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
     monkeypatch.setenv(var, "1")
-    with pytest.raises(WeightsError, match=f"{var}=1.*backbone.weights=packaged.*backbone.weights=none"):
+    with pytest.raises(WeightsError, match=f"(?s){var}=1.*backbone.weights=packaged.*backbone.weights=none"):
         check_hub_reachable()
 
 

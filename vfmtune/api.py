@@ -355,12 +355,23 @@ def embed(
     overrides: Sequence[str] = (),
     run_dir: Optional[str | Path] = None,
 ) -> dict[str, Any]:
-    """Build the embedding cache of the configured (frozen) backbone for every image of the data."""
+    """Build (or reuse) the embedding cache of the configured backbone, frozen, for every image.
+
+    Returns:
+        `{"run_dir", "features" [N, D] tensor, "labels" [N], "splits" [N] ("train"/"val"/"test"),
+        "paths" [N], "classes"}`: what scikit-learn or imbalanced-learn code needs, in a notebook too.
+    """
     config = _as_dict(cfg, overrides)
     out = _run_dir(run_dir, "embed")
     prepared = prepare_data(config, out)
     model = Classifier({**config, "finetune": {**config["finetune"], "mode": "frozen"}}, prepared.table.classes)
-    datasets = _datasets(config, model, prepared, ["all"], use_cache=True)
-    n, dim = datasets["all"].tensors[0].shape
-    print(f"{n} embeddings of size {dim} cached")
-    return {"run_dir": str(out), "num_embeddings": n, "dim": dim}
+    features = _datasets(config, model, prepared, ["all"], use_cache=True)["all"].tensors[0]
+    print(f"{features.shape[0]} embeddings of size {features.shape[1]} cached")
+    return {
+        "run_dir": str(out),
+        "features": features,
+        "labels": list(prepared.table.labels),
+        "splits": list(prepared.splits),
+        "paths": list(prepared.table.paths),
+        "classes": list(prepared.table.classes),
+    }

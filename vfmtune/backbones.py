@@ -92,10 +92,11 @@ def create_backbone(
             ``"packaged"`` (offline DINOv2-S, ``dinov2_vits14`` only) or ``"none"`` (random init,
             deterministic: seed 0).
         path: Checkpoint for ``weights="file"``: ``.safetensors``/``.pth``/``.pt``/``.bin`` in timm
-            layout or Meta's DINOv2/SAM layouts.
-        img_size: Input size in pixels for ViT-style models; position embeddings (and SAM's
-            relative position tables) are resampled from the checkpoint's grid. ``None`` keeps the
-            timm default (518 for DINOv2, 1024 for SAM).
+            layout or Meta's DINOv2/SAM layouts. Ignored by the other sources.
+        img_size: Input size in pixels. ViT-style models are built for it and their position
+            embeddings (and SAM's relative position tables) resampled from the checkpoint's grid;
+            CNNs take any size, so it only matters to :func:`data_config` there. ``None`` keeps
+            the timm default (518 for DINOv2, 1024 for SAM).
         drop_path_rate: Stochastic depth rate for fine-tuning.
         global_pool: timm pooling override (e.g. ``"avg"``, ``"token"``); ``None`` keeps the default.
 
@@ -104,7 +105,7 @@ def create_backbone(
 
     Raises:
         WeightsError: The weights cannot be found, read or matched to the model.
-        ValueError: Unknown name or weights source, or ``path`` given with a source that ignores it.
+        ValueError: Unknown name or weights source, or ``weights="file"`` without ``path``.
 
     Example:
         >>> model = create_backbone("dinov2_vits14", weights="packaged", img_size=224)  # doctest: +SKIP
@@ -114,9 +115,8 @@ def create_backbone(
     model_name = resolve_model_name(name)
     if weights not in WEIGHT_SOURCES:
         raise ValueError(f"Unknown backbone.weights={weights!r}; choose one of {WEIGHT_SOURCES}.")
-    if (weights == "file") != (path is not None):
-        raise ValueError("backbone.path is required with backbone.weights=file and only used with it "
-                         f"(got weights={weights!r}, path={path!r}).")
+    if weights == "file" and path is None:  # a path with another source is ignored: configs keep it around
+        raise ValueError("backbone.weights=file needs backbone.path=/path/to/ckpt(.safetensors|.pth|.bin).")
     # Fail on weights before spending seconds on building a large model.
     state_dict: dict[str, torch.Tensor] | None = None
     if weights == "hub":
@@ -137,8 +137,11 @@ def create_backbone(
         try:
             model = timm.create_model(model_name, pretrained=False, **kwargs)
         except TypeError as e:
-            raise ValueError(f"timm model {model_name} rejects {sorted(kwargs)} ({e}); "
-                             "img_size only applies to ViT-style models.") from e
+            if "img_size" not in str(e):
+                raise ValueError(f"timm model {model_name} rejects one of {sorted(kwargs)}: {e}") from e
+            # CNNs take any input size and have no img_size argument; data_config(model, img_size) still applies it.
+            kwargs.pop("img_size")
+            model = timm.create_model(model_name, pretrained=False, **kwargs)
 
     if weights == "hub":
         _load_hub(model, model_name)
@@ -148,7 +151,12 @@ def create_backbone(
 
 
 def _load_hub(model: nn.Module, model_name: str) -> None:
-    """Download through timm's own loader, adapting the checkpoint exactly like a local file."""
+    """Download with timm's own loader, but adapt the checkpoint exactly like a local file.
+
+    ``timm.create_model(pretrained=True)`` would apply timm's filter alone, which cannot load SAM
+    below 1024 px (its pos_embed/rel_pos keep the release's shapes) and resamples DINOv2's grid with
+    antialiasing, unlike the file and packaged paths.
+    """
     from timm.models import load_pretrained
 
     def _filter(state_dict: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:

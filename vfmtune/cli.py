@@ -75,16 +75,19 @@ def check_overrides(overrides: Sequence[str]) -> None:
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
 
 
-def _overrides_only(args: Sequence[str]) -> list[str]:
-    out, skip = [], False
+def _split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags with their values, overrides)."""
+    flags, overrides, takes_value = [], [], False
     for a in args:
-        if skip:
-            skip = False
+        if takes_value:
+            flags.append(a)
+            takes_value = False
         elif a.startswith("-"):
-            skip = a in _FLAGS_WITH_VALUE and a not in ("--info", "-i")
+            flags.append(a)
+            takes_value = a in _FLAGS_WITH_VALUE and a not in ("--info", "-i")
         else:
-            out.append(a)
-    return out
+            overrides.append(a)
+    return flags, overrides
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -99,14 +102,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"vfmtune: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
     register_configs()
+    flags, overrides = _split_args(rest)
     try:
-        check_overrides(_overrides_only(rest))
+        check_overrides(overrides)
     except Exception as e:  # noqa: BLE001 - a composition error is the user's to fix; show it plainly
         print(f"vfmtune {command}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     conf_dir, base = config_dirs()
-    # Injected first: argparse takes overrides only before the first flag ("... a=b --cfg job").
-    sys.argv = [f"vfmtune {command}", f"hydra.job.name={command}", f"hydra.searchpath=[file://{base}]", *rest]
+    # Hydra's argparse wants the overrides in one run, so flags go first ("-m a=1 b=2,3 --cfg job").
+    sys.argv = [f"vfmtune {command}", *flags, f"hydra.job.name={command}", f"hydra.searchpath=[file://{base}]", *overrides]
 
     @hydra.main(config_path=str(conf_dir), config_name="config", version_base="1.3")
     def run(cfg: DictConfig) -> None:

@@ -49,7 +49,8 @@ def cache_dir() -> Path:
     ``$VFMTUNE_CACHE`` if set, else ``$XDG_CACHE_HOME/vfmtune`` (default ``~/.cache/vfmtune``).
 
     Example:
-        >>> (cache_dir() / "weights").mkdir(exist_ok=True)
+        >>> cache_dir().is_dir()
+        True
     """
     root = os.environ.get("VFMTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "vfmtune"
     path = Path(root).expanduser()
@@ -93,11 +94,14 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             raise WeightsError(f"Unknown checkpoint suffix {suffix!r} for {path}; "
                                f"use .safetensors, {', '.join(_TORCH_SUFFIXES)}.")
     except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if refused is None:
+            raise WeightsError(f"Could not read checkpoint {path}: not a torch checkpoint or corrupt.") from e
         raise WeightsError(
-            f"{path} pickles more than tensors, so torch.load(weights_only=True) refused it ({e}). "
-            "If you trust the file, re-save only its tensors: "
-            "torch.save(torch.load(p, weights_only=False)['model'].state_dict(), 'clean.pth') "
-            "or convert it with safetensors.torch.save_file.") from e
+            f"{path} pickles {refused.group(1)}, not only tensors, so torch.load(weights_only=True) refused it. "
+            "If you trust the file, re-save its tensors once: ckpt = torch.load(path, weights_only=False); "
+            "torch.save(ckpt['model'], 'clean.pth') (or whichever entry holds the state dict), "
+            "or write it with safetensors.torch.save_file.") from e
     except WeightsError:
         raise
     except Exception as e:  # corrupt/truncated files raise a zoo of types across torch and safetensors
@@ -270,6 +274,7 @@ def _save_atomic(state_dict: Mapping[str, torch.Tensor], target: Path, metadata:
         safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache should stay readable like any download
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

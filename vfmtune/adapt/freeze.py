@@ -12,7 +12,7 @@ from torch import nn
 from vfmtune.config import ConfigError
 
 FINETUNE_MODES = ("frozen", "last_blocks", "full")
-_BLOCK_NAME = re.compile(r"(^|\.)(blocks|layers?|stages?)\.\d")
+_BLOCK_NAME = re.compile(r"(^|\.)(blocks|layers?|stages?)_?\.?\d")  # blocks.3, layer3, stages.2
 
 
 def block_groups(backbone: nn.Module) -> list[list[str]]:
@@ -30,6 +30,8 @@ def _trainable_groups(groups: list[list[str]], n_blocks: int) -> list[list[str]]
     tail = 0
     while tail < len(groups) and not any(_BLOCK_NAME.search(n) for n in groups[-1 - tail]):
         tail += 1
+    if tail == len(groups):  # no recognisable block names: every group after the stem is a block
+        tail = 0
     n_block_groups = len(groups) - tail - 1  # minus the stem
     if n_blocks > n_block_groups:
         raise ConfigError(

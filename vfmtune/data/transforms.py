@@ -25,10 +25,7 @@ def build_transforms(data_config: dict[str, Any], augment: AugmentConfig | dict[
     if not aug.get("enabled", True):
         return eval_tf, eval_tf
     train_tf = create_transform(
-        input_size=base["input_size"],
-        mean=base.get("mean"),
-        std=base.get("std"),
-        interpolation=base.get("interpolation", "bilinear"),
+        **{k: v for k, v in base.items() if k not in ("crop_pct", "crop_mode")},
         is_training=True,
         scale=tuple(aug["scale"]),
         hflip=aug["hflip"],

@@ -143,7 +143,7 @@ class Classifier(L.LightningModule):
         # Norms, biases, tokens and position embeddings get no weight decay (timm's grouping).
         nwd = getattr(self.backbone, "no_weight_decay", lambda: set())()
         groups = param_groups_weight_decay(self.head, o["weight_decay"])
-        for g in param_groups_weight_decay(self.backbone, o["weight_decay"], nwd):
+        for g in param_groups_weight_decay(self.backbone, o["weight_decay"], no_weight_decay_list=nwd):
             groups.append({**g, "lr": o["lr"] * o["backbone_lr_scale"]})
         groups = [g for g in groups if g["params"]]
         optimizer = create_optimizer_v2(groups, opt=o["name"], lr=o["lr"], weight_decay=o["weight_decay"], momentum=o["momentum"])

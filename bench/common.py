@@ -1,0 +1,53 @@
+"""Shared helpers for the benchmarks: results files and stratified subsets of the textile set."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_results(name: str, figures: dict) -> Path:
+    """Flat JSON with the figures plus the command, date, torch version and machine that produced them."""
+    RESULTS.mkdir(exist_ok=True)
+    data = {
+        **figures,
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    print(json.dumps(data, indent=2, sort_keys=True))
+    return path
+
+
+def textile_subset_manifest(path: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """A CSV manifest with the first-N (seeded shuffle) images of each textile class."""
+    import random
+
+    from vfmtune.data.sources import from_imagefolder, packaged_dataset
+
+    table = from_imagefolder(packaged_dataset("textile"))
+    rng = random.Random(seed)
+    rows = []
+    for c, cls in enumerate(table.classes):
+        paths = [p for p, y in zip(table.paths, table.labels) if y == c]
+        rng.shuffle(paths)
+        rows += [(p, cls) for p in paths[: per_class.get(cls, len(paths))]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return path
