@@ -152,3 +152,8 @@ def test_console_script__help_and_unknown_command() -> None:
     assert ok.returncode == 0 and "commands:" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "vfmtune.cli", "fly"], capture_output=True, text=True)
     assert bad.returncode == 2 and "valid commands: train" in bad.stderr
+
+
+def test_logger_tensorboard__writes_event_file(imagefolder: Path, tmp_path: Path) -> None:
+    run_cli("train", *TINY, f"data.root={imagefolder}", "logger=tensorboard", f"hydra.run.dir={tmp_path}")
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
