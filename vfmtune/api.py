@@ -33,7 +33,7 @@ from vfmtune.data.splits import resolve_splits, save_splits
 from vfmtune.data.transforms import build_transforms
 from vfmtune.embed import EmbeddingCache, model_key
 from vfmtune.report import plot_confusion_matrix, plot_curves, plot_per_class, results_table, split_summary, write_json
-from vfmtune.sampling import SAMPLERS, build_sampler, check_resample, resample_embeddings
+from vfmtune.sampling import build_sampler, check_imbalance_options, resample_embeddings
 from vfmtune.tasks.classifier import Classifier
 from vfmtune.weights import cache_dir as default_cache_dir
 
@@ -233,30 +233,6 @@ def train_class_counts(prepared: Prepared) -> list[int]:
     return counts
 
 
-def _check_imbalance_options(config: dict[str, Any], model: Classifier, counts: list[int], classes: Sequence[str]) -> bool:
-    """Validate sampler / oversample_augment / resample before training; returns whether to use the cache."""
-    data, method = config["data"], config["resample"]["method"]
-    if data["sampler"] not in SAMPLERS:
-        raise ConfigError(f"data.sampler={data['sampler']!r} is not one of {', '.join(SAMPLERS)}.")
-    use_cache = _uses_cache(config, model)
-    if data["oversample_augment"]:
-        if data["sampler"] != "balanced":
-            raise ConfigError("data.oversample_augment=true repeats minority images with fresh augmentations, so it needs data.sampler=balanced.")
-        if not data["augment"]["enabled"]:
-            raise ConfigError("data.oversample_augment=true needs data.augment.enabled=true (otherwise repeats are identical).")
-        if method != "none":
-            raise ConfigError(f"resample={method} works on cached embeddings, data.oversample_augment=true on images: pick one.")
-        use_cache = False  # the frozen backbone runs on freshly augmented images every step
-    if method != "none":
-        if not use_cache:
-            raise ConfigError(
-                f"resample={method} resamples cached embeddings, so it needs a frozen backbone with the cache "
-                "(finetune=frozen finetune.cache_embeddings=true). Fix: use data.sampler=balanced or loss=weighted_ce instead."
-            )
-        check_resample(config["resample"], counts, classes)
-    return use_cache
-
-
 def fit(config: dict[str, Any], prepared: Prepared, out: Path) -> dict[str, Any]:
     """Train on an already prepared (scanned, split) dataset; `train` and each `cv` fold call this."""
     for split in ("train",) + (("val",) if config["data"]["val_fraction"] > 0 else ()):
@@ -264,7 +240,7 @@ def fit(config: dict[str, Any], prepared: Prepared, out: Path) -> dict[str, Any]
             raise DataError(f"The {split} split is empty. Fix: add images or change data.val_fraction / data.test_fraction.")
     counts = train_class_counts(prepared)
     model = Classifier(config, prepared.table.classes, class_counts=counts)
-    use_cache = _check_imbalance_options(config, model, counts, prepared.table.classes)
+    use_cache = check_imbalance_options(config, _uses_cache(config, model), counts, prepared.table.classes)
     print(param_table(model.backbone, model.head))
     splits = [s for s in SPLITS if s in prepared.splits]
     datasets = _datasets(config, model, prepared, splits, use_cache)

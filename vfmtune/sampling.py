@@ -103,6 +103,40 @@ def check_resample(cfg: dict[str, Any], train_counts: Sequence[int], classes: Se
             )
 
 
+def check_imbalance_options(config: dict[str, Any], use_cache: bool, train_counts: Sequence[int], classes: Sequence[str]) -> bool:
+    """Validate `data.sampler`, `data.oversample_augment` and `resample` before training.
+
+    Args:
+        config: the whole run config.
+        use_cache: whether the run would train on cached embeddings (frozen backbone + cache).
+        train_counts: training images per class.
+        classes: class names.
+
+    Returns:
+        Whether to train on cached embeddings: False with `data.oversample_augment=true`, where
+        the frozen backbone must see every freshly augmented repeat.
+    """
+    data, method = config["data"], config["resample"]["method"]
+    if data["sampler"] not in SAMPLERS:
+        raise ConfigError(f"data.sampler={data['sampler']!r} is not one of {', '.join(SAMPLERS)}.")
+    if data["oversample_augment"]:
+        if data["sampler"] != "balanced":
+            raise ConfigError("data.oversample_augment=true repeats minority images with fresh augmentations, so it needs data.sampler=balanced.")
+        if not data["augment"]["enabled"]:
+            raise ConfigError("data.oversample_augment=true needs data.augment.enabled=true (otherwise repeats are identical).")
+        if method != "none":
+            raise ConfigError(f"resample={method} works on cached embeddings, data.oversample_augment=true on images: pick one.")
+        use_cache = False
+    if method != "none":
+        if not use_cache:
+            raise ConfigError(
+                f"resample={method} resamples cached embeddings, so it needs a frozen backbone with the cache "
+                "(finetune=frozen finetune.cache_embeddings=true). Fix: use data.sampler=balanced or loss=weighted_ce instead."
+            )
+        check_resample(config["resample"], train_counts, classes)
+    return use_cache
+
+
 def resample_embeddings(
     features: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any], classes: Sequence[str], seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
