@@ -107,13 +107,13 @@ def plot_per_class(metrics: dict[str, Any], classes: Sequence[str], prefix: str,
         ax.bar(x + (i - 1) * width, [metrics[f"{prefix}/{m}/{c}"] for c in classes], width, label=m)
     labels = [f"{c}\n(n={sum(matrix[i])})" if matrix else c for i, c in enumerate(classes)]
     ax.set_xticks(x, labels)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.2)  # headroom for the legend above the bars
     ax.set_ylabel("score")
     title = f"{prefix}: per-class scores"
     if f"{prefix}/balanced_accuracy" in metrics:
         title += f" (balanced acc {metrics[f'{prefix}/balanced_accuracy']:.3f}, macro-F1 {metrics[f'{prefix}/macro_f1']:.3f})"
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", ncol=3, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
