@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from vfmtune.api import embed, evaluate, load_config, load_model, predict, train
+from vfmtune.api import cv, embed, evaluate, load_config, load_model, predict, train
 from vfmtune.backbones import ALIASES, create_backbone
 from vfmtune.config import Config, ConfigError
 
@@ -19,6 +19,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "create_backbone",
+    "cv",
     "embed",
     "evaluate",
     "load_config",

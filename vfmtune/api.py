@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from vfmtune.adapt.freeze import is_frozen, param_table
 from vfmtune.checkpoint import AtomicCheckpointIO, load_checkpoint
+from vfmtune.cv import Ensemble, aggregate, fold_checkpoints, fold_splits, is_cv_run, make_folds, save_folds
 from vfmtune.config import Config, ConfigError, check_kwargs, config_dirs, register_configs, safe_instantiate, to_container
 from vfmtune.data.datamodule import ClassificationData, ImageDataset
 from vfmtune.data.images import IMG_EXTENSIONS, DataError, scan_images
@@ -31,7 +32,8 @@ from vfmtune.data.sources import SampleTable, from_imagefolder, from_manifest, p
 from vfmtune.data.splits import resolve_splits, save_splits
 from vfmtune.data.transforms import build_transforms
 from vfmtune.embed import EmbeddingCache, model_key
-from vfmtune.report import plot_confusion_matrix, plot_curves, results_table, split_summary, write_json
+from vfmtune.report import plot_confusion_matrix, plot_curves, plot_per_class, results_table, split_summary, write_json
+from vfmtune.sampling import build_sampler, check_imbalance_options, resample_embeddings
 from vfmtune.tasks.classifier import Classifier
 from vfmtune.weights import cache_dir as default_cache_dir
 
@@ -182,6 +184,7 @@ def _write_report(metrics: dict[str, Any], classes: Sequence[str], run_dir: Path
     for prefix in prefixes:
         if f"{prefix}/confusion_matrix" in metrics:
             plot_confusion_matrix(metrics[f"{prefix}/confusion_matrix"], classes, run_dir / "plots" / f"confusion_matrix_{prefix}.png", f"{prefix} confusion matrix")
+            plot_per_class(metrics, classes, prefix, run_dir / "plots" / f"per_class_{prefix}.png")
     plot_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "curves.png")
     write_json(run_dir / "metrics.json", metrics)
     for prefix in prefixes:
@@ -213,17 +216,43 @@ def train(
         OmegaConf.save(OmegaConf.create(config), out / ".hydra" / "config.yaml")
     L.seed_everything(config["seed"], workers=True, verbose=False)
     prepared = prepare_data(config, out)
+    return fit(config, prepared, out)
+
+
+def train_class_counts(prepared: Prepared) -> list[int]:
+    """Training images per class; a class with none stops the run (nothing could learn it)."""
+    _, labels = prepared.subset("train")
+    counts = [labels.count(c) for c in range(len(prepared.table.classes))]
+    missing = [c for c, n in zip(prepared.table.classes, counts) if n == 0]
+    if missing:
+        raise DataError(
+            f"Class{'es' * (len(missing) > 1)} {', '.join(repr(c) for c in missing)} "
+            f"{'have' if len(missing) > 1 else 'has'} no images in the training split. Fix: add training images of "
+            f"{'them' if len(missing) > 1 else 'it'}, or fix the manifest's split column."
+        )
+    return counts
+
+
+def fit(config: dict[str, Any], prepared: Prepared, out: Path) -> dict[str, Any]:
+    """Train on an already prepared (scanned, split) dataset; `train` and each `cv` fold call this."""
     for split in ("train",) + (("val",) if config["data"]["val_fraction"] > 0 else ()):
         if split not in prepared.splits:
             raise DataError(f"The {split} split is empty. Fix: add images or change data.val_fraction / data.test_fraction.")
-    model = Classifier(config, prepared.table.classes)
+    counts = train_class_counts(prepared)
+    model = Classifier(config, prepared.table.classes, class_counts=counts)
+    use_cache = check_imbalance_options(config, _uses_cache(config, model), counts, prepared.table.classes)
     print(param_table(model.backbone, model.head))
     splits = [s for s in SPLITS if s in prepared.splits]
-    use_cache = _uses_cache(config, model)
+    datasets = _datasets(config, model, prepared, splits, use_cache)
+    if config["resample"]["method"] != "none":
+        x, y = datasets["train"].tensors
+        datasets["train"] = TensorDataset(*resample_embeddings(x, y, config["resample"], prepared.table.classes, config["seed"]))
+    train_labels = datasets["train"].tensors[1].tolist() if use_cache else prepared.subset("train")[1]
     data = ClassificationData(
-        _datasets(config, model, prepared, splits, use_cache),
+        datasets,
         batch_size=config["data"]["batch_size"],
         num_workers=0 if use_cache else config["data"]["num_workers"],
+        train_sampler=build_sampler(config["data"]["sampler"], train_labels, config["seed"]),
     )
     has_val = "val" in splits
     monitor = config["monitor"] if has_val else None
@@ -253,11 +282,16 @@ def train(
     return {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
 
 
-def load_model(ckpt: str | Path) -> Classifier:
-    """A trained classifier from a checkpoint file or run directory (loaded with weights_only=True)."""
+def load_model(ckpt: str | Path) -> Classifier | Ensemble:
+    """A trained classifier from a checkpoint file or run directory (loaded with weights_only=True);
+    for a `vfmtune cv` run directory, the `Ensemble` of its fold models (averaged probabilities)."""
+    if is_cv_run(ckpt):
+        members = [load_model(d) for d in fold_checkpoints(ckpt)]
+        digests = {_weights_digest(m.backbone) for m in members} if all(is_frozen(m.backbone) for m in members) else set()
+        return Ensemble(members, shared_backbone=len(digests) == 1).eval()
     checkpoint = load_checkpoint(ckpt)
     hp = checkpoint["hyper_parameters"]
-    model = Classifier(hp["config"], hp["classes"], load_weights=False)
+    model = Classifier(hp["config"], hp["classes"], load_weights=False, class_counts=hp.get("class_counts"))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
@@ -295,15 +329,20 @@ def evaluate(
         raise ConfigError(f"split={split!r} is not one of train, val, test, all.")
     if split != "all" and split not in prepared.splits:
         raise DataError(f"The {split} split of this data is empty; use split=all to evaluate every image.")
-    use_cache = _uses_cache(run_cfg, model)
+    metrics = _score(run_cfg, model, prepared, split, out)
+    metrics["checkpoint"] = str(config["ckpt"])
+    _write_report(metrics, model.classes, out, (split,))
+    return {"run_dir": str(out), "metrics": metrics}
+
+
+def _score(run_cfg: dict[str, Any], model: Classifier | Ensemble, prepared: Prepared, split: str, out: Path) -> dict[str, Any]:
+    """Metrics of `model` on one split (or "all"), keyed `<split>/<metric>`."""
+    use_cache = _uses_cache(run_cfg, model) and (not isinstance(model, Ensemble) or model.shared_backbone)
     datasets = _datasets(run_cfg, model, prepared, ["all" if split == "all" else split], use_cache)
     data = ClassificationData({"test": next(iter(datasets.values()))}, run_cfg["data"]["batch_size"], 0 if use_cache else run_cfg["data"]["num_workers"])
     trainer = _trainer(run_cfg, out, [], enable_checkpointing=False)
     trainer.test(model, datamodule=data, verbose=False)
-    metrics = {k.replace("test/", f"{split}/", 1): v for k, v in model.eval_results["test"].items()}
-    metrics["checkpoint"] = str(config["ckpt"])
-    _write_report(metrics, model.classes, out, (split,))
-    return {"run_dir": str(out), "metrics": metrics}
+    return {k.replace("test/", f"{split}/", 1): v for k, v in model.eval_results["test"].items()}
 
 
 def _list_images(images: str) -> list[str]:
@@ -375,3 +414,55 @@ def embed(
         "paths": list(prepared.table.paths),
         "classes": list(prepared.table.classes),
     }
+
+
+def cv(
+    cfg: Config | DictConfig | dict[str, Any] | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    run_dir: Optional[str | Path] = None,
+) -> dict[str, Any]:
+    """Stratified k-fold cross-validation (`folds=5`) over train+val; the test split stays held out.
+
+    One model per fold in `<run_dir>/fold_<i>/`; `metrics.json` holds `<metric>/mean` and
+    `<metric>/std` over the folds and `ensemble/test/<metric>` for the fold models' averaged
+    probabilities on the test split. The run directory can be passed as `ckpt=` to `evaluate` and
+    `predict`, which then use the ensemble.
+
+    Example:
+        >>> result = vfmtune.cv(overrides=["folds=5", "loss=weighted_ce"], run_dir="runs/cv5")
+        >>> result["metrics"]["test/balanced_accuracy/mean"], result["metrics"]["test/balanced_accuracy/std"]
+    """
+    config = _as_dict(cfg, overrides)
+    out = _run_dir(run_dir, "cv")
+    if not (out / ".hydra" / "config.yaml").is_file():
+        (out / ".hydra").mkdir(exist_ok=True)
+        OmegaConf.save(OmegaConf.create(config), out / ".hydra" / "config.yaml")
+    prepared = prepare_data(config, out)
+    classes = prepared.table.classes
+    folds = make_folds(prepared.table.labels, prepared.splits, int(config["folds"]), config["data"]["seed"], classes)
+    save_folds(out / "folds.csv", prepared.table.paths, prepared.table.labels, classes, folds)
+    results = []
+    for k in range(config["folds"]):
+        print(f"\n=== fold {k + 1}/{config['folds']} ===")
+        fold_dir = out / f"fold_{k}"
+        fold = Prepared(prepared.table, fold_splits(prepared.splits, folds, k))
+        save_splits(fold_dir / "splits.csv", prepared.table.paths, prepared.table.labels, classes, fold.splits)
+        L.seed_everything(config["seed"], workers=True, verbose=False)
+        results.append(fit(config, fold, fold_dir))
+    # Written before the ensemble is loaded: cv.json is what marks this directory as a cv run.
+    write_json(out / "cv.json", {"folds": config["folds"], "fold_runs": [f"fold_{k}" for k in range(config["folds"])]})
+    metrics: dict[str, Any] = {**aggregate([r["metrics"] for r in results]), "folds": config["folds"]}
+    if "test" in prepared.splits:
+        ensemble = load_model(out)
+        scored = _score({**config, "logger": "none"}, ensemble, prepared, "test", out)
+        metrics.update({f"ensemble/{k}": v for k, v in scored.items()})
+        _write_report({k.removeprefix("ensemble/"): v for k, v in metrics.items() if k.startswith("ensemble/")}, classes, out, ("test",))
+    write_json(out / "metrics.json", metrics)
+    for name in ("balanced_accuracy", "macro_f1", "accuracy"):
+        if f"test/{name}/mean" in metrics:
+            line = f"  test {name:<18} {metrics[f'test/{name}/mean']:.4f} ± {metrics[f'test/{name}/std']:.4f} over {config['folds']} folds"
+            if f"ensemble/test/{name}" in metrics:
+                line += f"; ensemble {metrics[f'ensemble/test/{name}']:.4f}"
+            print(line)
+    return {"run_dir": str(out), "metrics": metrics, "fold_runs": [r["run_dir"] for r in results]}

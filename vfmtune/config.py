@@ -54,6 +54,10 @@ class DataConfig:
     num_workers: int = 2
     on_bad_image: str = "error"  # error: stop with a report | skip: drop and count bad files
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    sampler: str = "shuffle"  # shuffle | balanced: class-balanced sampling with replacement (vfmtune.sampling)
+    # With a frozen backbone, balanced sampling would repeat identical cached embeddings; true runs
+    # the backbone on images instead, so every repeated minority image gets a fresh augmentation.
+    oversample_augment: bool = False
 
 
 @dataclass
@@ -111,8 +115,26 @@ def _default_trainer() -> dict[str, Any]:
 
 @dataclass
 class LossConfig:
-    name: str = "ce"  # ce
+    """Training loss (vfmtune.losses). Class weights come from the training split's counts only."""
+
+    name: str = "ce"  # ce | weighted_ce | focal
+    # weighted_ce: balanced (scikit-learn's n / (C * n_c)) | effective_number (Cui et al. 2019) | [w_0, ...]
+    class_weights: Any = "balanced"
+    beta: float = 0.999  # effective_number: (1 - beta) / (1 - beta^n_c)
+    gamma: float = 2.0  # focal: down-weights easy examples by (1 - p_t)^gamma
+    alpha: Any = None  # focal: per-class weights: null | balanced | effective_number | [a_0, ...]
     label_smoothing: float = 0.0
+    # Logit adjustment (Menon et al. 2021): logits + tau * log(prior) during training; 0 turns it off.
+    logit_adjust_tau: float = 0.0
+
+
+@dataclass
+class ResampleConfig:
+    """imbalanced-learn resampling of the training split's cached embeddings (frozen backbone only)."""
+
+    method: str = "none"  # none | smote | adasyn | borderline_smote | random_over | random_under | smote_tomek
+    k_neighbors: int = 5  # smote / adasyn / borderline_smote / smote_tomek: neighbours used to interpolate
+    sampling_strategy: Any = "auto"  # imblearn's: auto | minority | not majority | all | {class: count} | float
 
 
 @dataclass
@@ -133,6 +155,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
     trainer: dict[str, Any] = field(default_factory=_default_trainer)  # lightning.Trainer kwargs
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     callbacks: list[Any] = field(default_factory=list)  # extra allow-listed `_target_` callbacks
@@ -144,6 +167,7 @@ class Config:
     ckpt: Optional[str] = None  # a checkpoint file or a run directory
     split: str = "test"  # evaluate: train | val | test | all
     images: Optional[str] = None  # predict: a folder (searched recursively) or one image
+    folds: int = 5  # cv: StratifiedKFold over train+val; the test split stays held out
 
 
 def register_configs() -> None:

@@ -91,3 +91,31 @@ def split_summary(labels: Sequence[int], splits: Sequence[str], classes: Sequenc
         lines.append(f"  {cls:<{width}}" + "".join(f"{c:>8}" for c in counts))
     lines.append(f"  {'total':<{width}}" + "".join(f"{sum(1 for s in splits if s == n):>8}" for n in names))
     return "\n".join(lines)
+
+
+def plot_per_class(metrics: dict[str, Any], classes: Sequence[str], prefix: str, path: str | os.PathLike) -> bool:
+    """Grouped bars of per-class precision, recall and F1 (support in the labels): where a rare
+    class is being ignored, its recall bar shows it even when overall accuracy looks fine."""
+    names = ("precision", "recall", "f1")
+    if not all(f"{prefix}/{m}/{c}" in metrics for m in names for c in classes):
+        return False
+    matrix = metrics.get(f"{prefix}/confusion_matrix")
+    x = np.arange(len(classes))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(classes) + 2), 4))
+    for i, m in enumerate(names):
+        ax.bar(x + (i - 1) * width, [metrics[f"{prefix}/{m}/{c}"] for c in classes], width, label=m)
+    labels = [f"{c}\n(n={sum(matrix[i])})" if matrix else c for i, c in enumerate(classes)]
+    ax.set_xticks(x, labels)
+    ax.set_ylim(0, 1.2)  # headroom for the legend above the bars
+    ax.set_ylabel("score")
+    title = f"{prefix}: per-class scores"
+    if f"{prefix}/balanced_accuracy" in metrics:
+        title += f" (balanced acc {metrics[f'{prefix}/balanced_accuracy']:.3f}, macro-F1 {metrics[f'{prefix}/macro_f1']:.3f})"
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper center", ncol=3, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
@@ -46,15 +46,24 @@ class Classifier(L.LightningModule):
         classes: class names, index = label.
         load_weights: build the backbone with its configured weights; False when a checkpoint's
             state dict is about to replace them anyway (no hub or packaged lookup then).
+        class_counts: training images per class (for class-weighted losses and logit adjustment);
+            stored as a plain list so the checkpoint rebuilds the same loss.
 
     Example:
         >>> model = Classifier(to_container(Config()), ["ok", "defect"])
         >>> logits = model(torch.randn(2, 3, 224, 224))  # [2, 2]
     """
 
-    def __init__(self, config: dict[str, Any], classes: Sequence[str], load_weights: bool = True) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        classes: Sequence[str],
+        load_weights: bool = True,
+        class_counts: Optional[Sequence[int]] = None,
+    ) -> None:
         super().__init__()
-        self.save_hyperparameters({"config": config, "classes": list(classes)})
+        counts = None if class_counts is None else [int(n) for n in class_counts]
+        self.save_hyperparameters({"config": config, "classes": list(classes), "class_counts": counts})
         self.config = config
         self.classes = list(classes)
         b = config["backbone"]
@@ -69,7 +78,9 @@ class Classifier(L.LightningModule):
         ft = config["finetune"]
         apply_finetune(self.backbone, ft["mode"], ft["n_blocks"], ft["freeze"], ft["unfreeze"])
         self.head = build_head(self.backbone.num_features, len(self.classes), config["head"])
-        self.loss_fn = build_loss(config["loss"])
+        self.class_counts = counts
+        # Without counts (a model built by hand, not by `vfmtune.train`) classes count as equal.
+        self.loss_fn = build_loss(config["loss"], counts or [1] * len(self.classes))
         # True when batches hold cached backbone embeddings [B, D] instead of images [B, 3, H, W].
         self.embeddings_input = False
         self.val_metrics = classification_metrics(len(self.classes))

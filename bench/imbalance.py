@@ -1,0 +1,121 @@
+"""Imbalance benchmark: losses, balanced sampling and imbalanced-learn resamplers side by side.
+
+Run: flock /tmp/vfmtune-bench.lock python bench/imbalance.py [--seeds 0 1 2] [--methods ce smote ...]
+
+Data: the textile set (nominal / local / global defects), split stratified 70/10/20 (split seed 0)
+exactly as the linear-probe recipe. The TEST split is untouched (200 / 100 / 100). The training and
+validation splits are made harsher: every nominal image is kept and each defect class is subsampled
+to 1/RATIO of the nominal count (train 700 : 35 : 35, val 100 : 5 : 5), a different subsample per
+seed. Model: packaged DINOv2 ViT-S/14 frozen at 224 px, BatchNorm + linear head on the cached
+embeddings (finetune=frozen: 300 epochs, early stopping on val macro-F1). Every method runs with
+the same seeds; the seed drives both the subsample and the training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import vfmtune
+from common import write_results
+from vfmtune.data.sources import from_imagefolder, packaged_dataset
+from vfmtune.data.splits import stratified_split
+
+RATIO = 20
+BASE = ["backbone=dinov2_vits14", "finetune=frozen", "trainer.enable_progress_bar=false", "logger=none"]
+METHODS: dict[str, list[str]] = {
+    "ce": [],
+    "weighted_ce": ["loss=weighted_ce"],
+    "weighted_ce_effective_number": ["loss=weighted_ce", "loss.class_weights=effective_number"],
+    "focal": ["loss=focal"],
+    "focal_alpha_balanced": ["loss=focal", "loss.alpha=balanced"],
+    "logit_adjustment": ["loss.logit_adjust_tau=1.0"],
+    "balanced_sampler": ["data.sampler=balanced"],
+    "smote": ["resample=smote"],
+    "adasyn": ["resample=adasyn"],
+    "borderline_smote": ["resample=borderline_smote"],
+    "random_over": ["resample=random_over"],
+    "random_under": ["resample=random_under"],
+    "smote_tomek": ["resample=smote_tomek"],
+}
+
+
+def harsh_manifest(path: Path, seed: int) -> dict[str, dict[str, int]]:
+    """Write a path,label,split manifest: test untouched, train and val subsampled to RATIO:1."""
+    table = from_imagefolder(packaged_dataset("textile"))
+    splits = stratified_split(table.labels, 0.1, 0.2, seed=0, classes=table.classes)
+    nominal = table.classes.index("nominal")
+    rng = random.Random(seed)
+    rows, counts = [], {s: {c: 0 for c in table.classes} for s in ("train", "val", "test")}
+    for split in ("train", "val", "test"):
+        for c, cls in enumerate(table.classes):
+            paths = [p for p, y, s in zip(table.paths, table.labels, splits) if y == c and s == split]
+            if split != "test" and c != nominal:
+                n_nominal = sum(1 for y, s in zip(table.labels, splits) if y == nominal and s == split)
+                paths = rng.sample(sorted(paths), max(n_nominal // RATIO, 1))
+            rows += [(p, cls, split) for p in paths]
+            counts[split][cls] = len(paths)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows(rows)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = parser.parse_args()
+
+    scores: dict[str, dict[str, list[float]]] = {m: {"ba": [], "f1": []} for m in args.methods}
+    counts: dict = {}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            manifest = Path(tmp) / f"harsh_{seed}.csv"
+            counts = harsh_manifest(manifest, seed)
+            for method in args.methods:
+                overrides = [*BASE, f"data.manifest={manifest}", "data.dataset=null", f"seed={seed}", *METHODS[method]]
+                t0 = time.perf_counter()
+                m = vfmtune.train(overrides=overrides, run_dir=f"{tmp}/{method}_{seed}")["metrics"]
+                scores[method]["ba"].append(m["test/balanced_accuracy"])
+                scores[method]["f1"].append(m["test/macro_f1"])
+                print(f"### {method} seed {seed}: balanced acc {m['test/balanced_accuracy']:.4f} macro-F1 "
+                      f"{m['test/macro_f1']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    figures: dict = {
+        "ratio": f"{RATIO}:1 (nominal:local and nominal:global, train and val only; test untouched)",
+        "seeds": args.seeds,
+        "split_counts": counts,
+        "backbone": "dinov2_vits14 (packaged), frozen, 224 px, cached embeddings",
+        "head": "finetune=frozen defaults (BatchNorm + linear, 300 epochs, early stopping on val macro-F1)",
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    print(f"\n{'method':<30} {'balanced acc':>20} {'macro-F1':>20}")
+    for method, s in scores.items():
+        ba, f1 = np.asarray(s["ba"]), np.asarray(s["f1"])
+        figures[f"{method}.test_balanced_accuracy_mean"] = round(float(ba.mean()), 4)
+        figures[f"{method}.test_balanced_accuracy_std"] = round(float(ba.std()), 4)
+        figures[f"{method}.test_macro_f1_mean"] = round(float(f1.mean()), 4)
+        figures[f"{method}.test_macro_f1_std"] = round(float(f1.std()), 4)
+        figures[f"{method}.test_balanced_accuracy_per_seed"] = [round(v, 4) for v in s["ba"]]
+        figures[f"{method}.test_macro_f1_per_seed"] = [round(v, 4) for v in s["f1"]]
+        print(f"{method:<30} {ba.mean():>12.4f} ± {ba.std():.4f} {f1.mean():>12.4f} ± {f1.std():.4f}")
+    best = max(scores, key=lambda m: np.mean(scores[m]["ba"]))
+    figures["best_method"] = best
+    if "ce" in scores:
+        gain = float(np.mean(scores[best]["ba"]) - np.mean(scores["ce"]["ba"]))
+        figures["best_minus_ce_balanced_accuracy_points"] = round(100 * gain, 1)
+        figures["target_10_points_met"] = gain >= 0.10
+    write_results("imbalance", figures)
+
+
+if __name__ == "__main__":
+    main()
