@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from vfmtune.api import embed, evaluate, load_config, load_model, predict, train
+from vfmtune.api import embed, evaluate, export_merged, load_config, load_model, predict, train
 from vfmtune.backbones import ALIASES, create_backbone
 from vfmtune.config import Config, ConfigError
 
@@ -21,6 +21,7 @@ __all__ = [
     "create_backbone",
     "embed",
     "evaluate",
+    "export_merged",
     "load_config",
     "load_model",
     "predict",

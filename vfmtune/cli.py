@@ -16,6 +16,7 @@ COMMANDS: dict[str, Callable] = {
     "evaluate": api.evaluate,
     "predict": api.predict,
     "embed": api.embed,
+    "export-merged": api.export_merged,
 }
 
 USAGE = """usage: vfmtune <command> [key=value ...] [hydra options]
@@ -25,6 +26,7 @@ commands:
   evaluate   recompute metrics for a checkpoint   vfmtune evaluate ckpt=runs/train/<date>/checkpoints/best.ckpt
   predict    classify images with a checkpoint    vfmtune predict ckpt=RUN_DIR images=/path/to/images
   embed      build the frozen-backbone cache      vfmtune embed backbone=dinov2_vits14
+  export-merged  merge a LoRA run into a plain checkpoint   vfmtune export-merged ckpt=RUN_DIR
 
 `vfmtune train --cfg job` prints the composed config; `-m` runs a sweep (e.g. optim.lr=1e-3,1e-4);
 `hydra.run.dir=DIR` sets the run directory; `recipes=<name>` applies a recipe from recipes/.
@@ -110,13 +112,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(2) from None
     conf_dir, base = config_dirs()
     # Hydra's argparse wants the overrides in one run, so flags go first ("-m a=1 b=2,3 --cfg job").
-    sys.argv = [f"vfmtune {command}", *flags, f"hydra.job.name={command}", f"hydra.searchpath=[file://{base}]", *overrides]
+    # argv[0] stays the real program: Lightning's DDP launcher re-executes it for the other ranks.
+    real_argv = list(sys.argv)
+    sys.argv = [real_argv[0], *flags, f"hydra.job.name={command}", f"hydra.searchpath=[file://{base}]", *overrides]
 
     @hydra.main(config_path=str(conf_dir), config_name="config", version_base="1.3")
     def run(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
+        # What the DDP launcher re-executes (it appends hydra.run.dir / job.name for the other ranks).
+        sys.argv = [real_argv[0], command, *rest]
         try:
             COMMANDS[command](cfg, overrides=list(hc.overrides.task), run_dir=hc.runtime.output_dir)
         except USER_ERRORS as e:
