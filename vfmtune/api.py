@@ -238,10 +238,13 @@ def train(
     )
     has_val = "val" in splits
     monitor = config["monitor"] if has_val else None
-    ckpt_cb = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max", save_last=True, auto_insert_metric_name=False
-    )
-    callbacks = [ckpt_cb, RNGState(), *([unfreezing] if unfreezing else []), *callbacks]
+    # last.ckpt is its own checkpoint, written every epoch: Lightning's save_last only rewrites it in
+    # epochs where the monitored metric improved, which would resume runs from a stale epoch.
+    last_cb = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    best_cb = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max", auto_insert_metric_name=False, enable_version_counter=False
+    ) if monitor else None
+    callbacks = [*([best_cb] if best_cb else []), last_cb, RNGState(), *([unfreezing] if unfreezing else []), *callbacks]
     stop = config["early_stopping"]
     if stop["enabled"] and has_val:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=stop["patience"], min_delta=stop["min_delta"]))
@@ -250,7 +253,7 @@ def train(
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=data, ckpt_path=str(resolve_checkpoint(config["ckpt"])) if config.get("ckpt") else None)
     train_seconds = time.perf_counter() - t0
-    best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
+    best = (best_cb.best_model_path if best_cb else "") or last_cb.best_model_path
     metrics: dict[str, Any] = {}
     if has_val:
         trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False)
