@@ -81,6 +81,7 @@ def main() -> None:
         for name in only:
             figures.update(run(name, STRATEGIES[name], manifest, out))
             print({k: v for k, v in figures.items() if k.startswith(name + "/")}, flush=True)
+            write_results("strategies", {**figures, "complete": name == only[-1]})  # partial results survive
     full, lora = figures.get("full/peak_rss_mb"), figures.get("lora_r8/peak_rss_mb")
     if full and lora:
         figures["lora_rss_ratio_vs_full"] = round(lora / full, 3)
@@ -89,7 +90,7 @@ def main() -> None:
     if tuned:
         best = max(tuned, key=lambda n: figures[f"{n}/test_macro_f1"])
         figures["best_strategy"] = best
-    write_results("strategies", figures)
+    write_results("strategies", {**figures, "complete": True})
 
 
 if __name__ == "__main__":
