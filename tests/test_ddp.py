@@ -24,17 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     "strategy, n_trainable_sets",
     [
-        (["finetune=progressive", "finetune.schedule={0: head, 1: blocks.4-5, 2: all}", "optim.layer_decay=0.75"], 3),
+        (["finetune=progressive", "finetune.schedule={0: head, 1: blocks.4-5}", "optim.layer_decay=0.75"], 2),
         (["finetune=lora", "finetune.schedule={1: blocks.5}", "optim.layer_decay=0.75"], 2),
     ],
     ids=["progressive_llrd", "lora_progressive_llrd"],
 )
 def test_ddp_two_processes__same_frozen_set_and_weights_on_all_ranks(tmp_path: Path, strategy: list[str], n_trainable_sets: int) -> None:
-    images = make_imagefolder(tmp_path / "images", {"cat": 12, "dog": 12, "owl": 12})
+    images = make_imagefolder(tmp_path / "images", {"cat": 10, "dog": 10, "owl": 10})
     run, audit = tmp_path / "run", tmp_path / "audit"
     cmd = [
         sys.executable, "-m", "vfmtune.cli", "train", *TINY, f"data.root={images}", *strategy,
-        "trainer=ddp_cpu", "trainer.max_epochs=3", "early_stopping.enabled=false", "logger=none",
+        "trainer=ddp_cpu", "trainer.max_epochs=2", "early_stopping.enabled=false", "logger=none",
         f"callbacks=[{{_target_: vfmtune.adapt.audit.TrainableAudit, path: '{audit}'}}]", f"hydra.run.dir={run}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -42,7 +42,7 @@ def test_ddp_two_processes__same_frozen_set_and_weights_on_all_ranks(tmp_path: P
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     rows = [[json.loads(line) for line in (audit / f"trainable_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
-    assert len(rows[0]) == len(rows[1]) == 4  # 3 epoch starts + train end, on each rank
+    assert len(rows[0]) == len(rows[1]) == 3  # 2 epoch starts + train end, on each rank
     for r0, r1 in zip(*rows):
         # Same trainable set and lrs after each unfreezing step, and the same weights: gradients of
         # late-unfrozen groups are averaged across ranks like the rest.

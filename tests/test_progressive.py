@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, make_imagefolder
 from vfmtune.adapt.freeze import named_groups, param_table
 from vfmtune.adapt.progressive import resolve_schedule
 from vfmtune.api import load_config, train
@@ -70,9 +70,10 @@ def test_layer_decay__lr_by_depth_from_timm_groups() -> None:
     assert wd["backbone.blocks.0.norm1.weight"] == 0 and wd["backbone.pos_embed"] == 0 and wd["backbone.blocks.0.attn.qkv.weight"] > 0
 
 
-def test_progressive_train__groups_join_with_own_lr_and_warmup(imagefolder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_progressive_train__groups_join_with_own_lr_and_warmup(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    images = make_imagefolder(tmp_path / "images", {"cat": 12, "dog": 12, "owl": 12})
     result = train(
-        overrides=[*TINY, f"data.root={imagefolder}", "finetune=progressive", "finetune.schedule={0: head, 1: blocks.5}",
+        overrides=[*TINY, f"data.root={images}", "finetune=progressive", "finetune.schedule={0: head, 1: blocks.5}",
                    "optim.layer_decay=0.5", "trainer.max_epochs=2", "sched=none", "data.batch_size=16"],
         run_dir=tmp_path,
     )
