@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from vfmtune.api import cv, embed, evaluate, load_config, load_model, predict, train
+from vfmtune.api import cv, embed, evaluate, export_merged, load_config, load_model, predict, train
 from vfmtune.backbones import ALIASES, create_backbone
 from vfmtune.config import Config, ConfigError
 
@@ -22,6 +22,7 @@ __all__ = [
     "cv",
     "embed",
     "evaluate",
+    "export_merged",
     "load_config",
     "load_model",
     "predict",

@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, TensorDataset
 
 from vfmtune.adapt.freeze import is_frozen, param_table
-from vfmtune.checkpoint import AtomicCheckpointIO, load_checkpoint
+from vfmtune.adapt.lora import load_adapter, merge_lora, save_adapter
+from vfmtune.adapt.progressive import progressive_callback
+from vfmtune.checkpoint import AtomicCheckpointIO, atomic_torch_save, load_checkpoint, resolve_checkpoint
 from vfmtune.cv import Ensemble, aggregate, fold_checkpoints, fold_splits, is_cv_run, make_folds, save_folds
 from vfmtune.config import Config, ConfigError, check_kwargs, config_dirs, register_configs, safe_instantiate, to_container
 from vfmtune.data.datamodule import ClassificationData, ImageDataset
@@ -33,6 +35,7 @@ from vfmtune.data.splits import resolve_splits, save_splits
 from vfmtune.data.transforms import build_transforms
 from vfmtune.embed import EmbeddingCache, model_key
 from vfmtune.report import plot_confusion_matrix, plot_curves, plot_per_class, results_table, split_summary, write_json
+from vfmtune.rng import RNGState
 from vfmtune.sampling import build_sampler, check_imbalance_options, resample_embeddings
 from vfmtune.tasks.classifier import Classifier
 from vfmtune.weights import cache_dir as default_cache_dir
@@ -162,7 +165,8 @@ def _datasets(
 
 
 def _uses_cache(cfg: dict[str, Any], model: Classifier) -> bool:
-    return bool(cfg["finetune"]["cache_embeddings"]) and is_frozen(model.backbone)
+    # A backbone that unfreezes later must see images from the start.
+    return bool(cfg["finetune"]["cache_embeddings"]) and is_frozen(model.backbone) and not model.progressive
 
 
 def _trainer(cfg: dict[str, Any], run_dir: Path, callbacks: list, **extra: Any) -> L.Trainer:
@@ -198,13 +202,19 @@ def train(
     *,
     overrides: Sequence[str] = (),
     run_dir: Optional[str | Path] = None,
+    callbacks: Sequence[L.Callback] = (),
 ) -> dict[str, Any]:
     """Fine-tune a backbone + head; write checkpoints, metrics.json and plots into the run directory.
+
+    With `ckpt=RUN/checkpoints/last.ckpt` the run resumes: weights, optimizer, lr schedule, the
+    unfreezing state and the RNG state all continue where they stopped. LoRA runs also write a
+    peft-standard adapter folder (`adapter/`) next to the checkpoints.
 
     Args:
         cfg: a composed config (`load_config(...)`), or None to compose one from `overrides`.
         overrides: Hydra override strings, exactly as on the command line.
         run_dir: where the run's files go (default `runs/train/<timestamp>`).
+        callbacks: extra Lightning callbacks (Python API only).
 
     Returns:
         `{"run_dir": ..., "metrics": {...}, "best_checkpoint": ...}`.
@@ -216,7 +226,7 @@ def train(
         OmegaConf.save(OmegaConf.create(config), out / ".hydra" / "config.yaml")
     L.seed_everything(config["seed"], workers=True, verbose=False)
     prepared = prepare_data(config, out)
-    return fit(config, prepared, out)
+    return fit(config, prepared, out, callbacks)
 
 
 def train_class_counts(prepared: Prepared) -> list[int]:
@@ -233,13 +243,14 @@ def train_class_counts(prepared: Prepared) -> list[int]:
     return counts
 
 
-def fit(config: dict[str, Any], prepared: Prepared, out: Path) -> dict[str, Any]:
+def fit(config: dict[str, Any], prepared: Prepared, out: Path, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Train on an already prepared (scanned, split) dataset; `train` and each `cv` fold call this."""
     for split in ("train",) + (("val",) if config["data"]["val_fraction"] > 0 else ()):
         if split not in prepared.splits:
             raise DataError(f"The {split} split is empty. Fix: add images or change data.val_fraction / data.test_fraction.")
     counts = train_class_counts(prepared)
     model = Classifier(config, prepared.table.classes, class_counts=counts)
+    unfreezing = progressive_callback(config, model)  # validates the schedule before any training
     use_cache = check_imbalance_options(config, _uses_cache(config, model), counts, prepared.table.classes)
     print(param_table(model.backbone, model.head))
     splits = [s for s in SPLITS if s in prepared.splits]
@@ -256,19 +267,22 @@ def fit(config: dict[str, Any], prepared: Prepared, out: Path) -> dict[str, Any]
     )
     has_val = "val" in splits
     monitor = config["monitor"] if has_val else None
-    ckpt_cb = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max", save_last=True, auto_insert_metric_name=False
-    )
-    callbacks: list[Any] = [ckpt_cb]
+    # last.ckpt is its own checkpoint, written every epoch: Lightning's save_last only rewrites it in
+    # epochs where the monitored metric improved, which would resume runs from a stale epoch.
+    last_cb = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    best_cb = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max", auto_insert_metric_name=False, enable_version_counter=False
+    ) if monitor else None
+    callbacks = [*([best_cb] if best_cb else []), last_cb, RNGState(), *([unfreezing] if unfreezing else []), *callbacks]
     stop = config["early_stopping"]
     if stop["enabled"] and has_val:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=stop["patience"], min_delta=stop["min_delta"]))
     callbacks += [safe_instantiate(c, f"callbacks[{i}]") for i, c in enumerate(config["callbacks"])]
     trainer = _trainer(config, out, callbacks)
     t0 = time.perf_counter()
-    trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=data, ckpt_path=str(resolve_checkpoint(config["ckpt"])) if config.get("ckpt") else None)
     train_seconds = time.perf_counter() - t0
-    best = ckpt_cb.best_model_path or ckpt_cb.last_model_path
+    best = (best_cb.best_model_path if best_cb else "") or last_cb.best_model_path
     metrics: dict[str, Any] = {}
     if has_val:
         trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False)
@@ -277,18 +291,25 @@ def fit(config: dict[str, Any], prepared: Prepared, out: Path) -> dict[str, Any]
         trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
         metrics.update(model.eval_results["test"])
     metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2)})
+    result = {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
     if trainer.is_global_zero:
+        if config["finetune"]["mode"] == "lora":
+            # The best weights are loaded by validate/test above; ship them as a small adapter.
+            result["adapter"] = str(save_adapter(model, out / "adapter"))
+            print(f"LoRA adapter (peft format) + head: {result['adapter']}")
         _write_report(metrics, prepared.table.classes, out, ("val", "test"))
-    return {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
+    return result
 
 
 def load_model(ckpt: str | Path) -> Classifier | Ensemble:
-    """A trained classifier from a checkpoint file or run directory (loaded with weights_only=True);
-    for a `vfmtune cv` run directory, the `Ensemble` of its fold models (averaged probabilities)."""
+    """A trained classifier from a checkpoint file, run directory or LoRA adapter folder (loaded with
+    weights_only=True); for a `vfmtune cv` run directory, the `Ensemble` of its fold models."""
     if is_cv_run(ckpt):
         members = [load_model(d) for d in fold_checkpoints(ckpt)]
         digests = {_weights_digest(m.backbone) for m in members} if all(is_frozen(m.backbone) for m in members) else set()
         return Ensemble(members, shared_backbone=len(digests) == 1).eval()
+    if Path(ckpt).is_dir() and (Path(ckpt) / "adapter_config.json").is_file():
+        return load_adapter(ckpt)
     checkpoint = load_checkpoint(ckpt)
     hp = checkpoint["hyper_parameters"]
     model = Classifier(hp["config"], hp["classes"], load_weights=False, class_counts=hp.get("class_counts"))
@@ -466,3 +487,36 @@ def cv(
                 line += f"; ensemble {metrics[f'ensemble/test/{name}']:.4f}"
             print(line)
     return {"run_dir": str(out), "metrics": metrics, "fold_runs": [r["run_dir"] for r in results]}
+
+
+def export_merged(
+    cfg: Config | DictConfig | dict[str, Any] | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    run_dir: Optional[str | Path] = None,
+) -> dict[str, Any]:
+    """Merge a LoRA run's adapters into the backbone and write a plain checkpoint (`merged.ckpt`).
+
+    Merged and unmerged logits are compared on random images; the max abs difference is reported and
+    above `merge_atol` the export fails. The merged checkpoint loads in `evaluate` / `predict` like
+    any other (`ckpt=RUN_DIR/merged.ckpt`).
+
+    Example:
+        >>> vfmtune.export_merged(overrides=["ckpt=runs/train/lora"])["max_abs_diff"]
+        3.1e-07
+    """
+    config = _as_dict(cfg, overrides)
+    if not config.get("ckpt"):
+        raise ConfigError("export-merged needs ckpt=PATH (a LoRA run directory, .ckpt file or adapter folder).")
+    model = load_model(config["ckpt"])
+    trained = model.config
+    if trained["finetune"]["mode"] != "lora":
+        raise ConfigError(f"ckpt={config['ckpt']} was trained with finetune.mode={trained['finetune']['mode']}, not lora: nothing to merge.")
+    merged, diff = merge_lora(model, config["merge_atol"], trained["backbone"]["img_size"] or 224)
+    plain = {**trained, "finetune": {**trained["finetune"], "mode": "frozen"}}
+    out = _run_dir(run_dir, "export-merged")
+    state = {**{f"backbone.{k}": v for k, v in merged.state_dict().items()}, **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
+    target = out / "merged.ckpt"
+    atomic_torch_save({"state_dict": state, "hyper_parameters": {"config": plain, "classes": model.classes, "merged_from": str(config["ckpt"])}}, target)
+    print(f"merged LoRA into the backbone: max abs logit diff {diff:.3g} (merge_atol={config['merge_atol']}); wrote {target}")
+    return {"run_dir": str(out), "checkpoint": str(target), "max_abs_diff": diff}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -18,6 +17,7 @@ COMMANDS: dict[str, Callable] = {
     "predict": api.predict,
     "embed": api.embed,
     "cv": api.cv,
+    "export-merged": api.export_merged,
 }
 
 USAGE = """usage: vfmtune <command> [key=value ...] [hydra options]
@@ -28,12 +28,11 @@ commands:
   predict    classify images with a checkpoint    vfmtune predict ckpt=RUN_DIR images=/path/to/images
   embed      build the frozen-backbone cache      vfmtune embed backbone=dinov2_vits14
   cv         stratified k-fold, fold ensemble     vfmtune cv folds=5 loss=weighted_ce
+  export-merged  merge a LoRA run into a plain checkpoint   vfmtune export-merged ckpt=RUN_DIR
 
 `vfmtune train --cfg job` prints the composed config; `-m` runs a sweep (e.g. optim.lr=1e-3,1e-4);
 `hydra.run.dir=DIR` sets the run directory; `recipes=<name>` applies a recipe from recipes/.
 """
-
-_COMMAND_ENV = "VFMTUNE_COMMAND"
 
 # Errors a user can fix from the command line: printed as one message, no traceback.
 # (DataError and ConfigError are ValueErrors.)
@@ -103,10 +102,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(USAGE)
         return
     command, rest = args[0], args[1:]
-    if command not in COMMANDS and os.environ.get("LOCAL_RANK") and os.environ.get(_COMMAND_ENV) in COMMANDS:
-        # A DDP worker that Lightning relaunched with this process's Hydra arguments, which carry
-        # no command: it runs the parent's command (passed down in the environment).
-        command, rest = os.environ[_COMMAND_ENV], args
     if command not in COMMANDS:
         print(f"vfmtune: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
@@ -118,16 +113,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"vfmtune {command}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     conf_dir, base = config_dirs()
-    os.environ[_COMMAND_ENV] = command
     # Hydra's argparse wants the overrides in one run, so flags go first ("-m a=1 b=2,3 --cfg job").
     # argv[0] stays the real program: Lightning's DDP launcher re-executes it for the other ranks.
-    sys.argv = [sys.argv[0], *flags, f"hydra.job.name={command}", f"hydra.searchpath=[file://{base}]", *overrides]
+    real_argv = list(sys.argv)
+    sys.argv = [real_argv[0], *flags, f"hydra.job.name={command}", f"hydra.searchpath=[file://{base}]", *overrides]
 
     @hydra.main(config_path=str(conf_dir), config_name="config", version_base="1.3")
     def run(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
+        # What the DDP launcher re-executes (it appends hydra.run.dir / job.name for the other ranks).
+        sys.argv = [real_argv[0], command, *rest]
         try:
             COMMANDS[command](cfg, overrides=list(hc.overrides.task), run_dir=hc.runtime.output_dir)
         except USER_ERRORS as e:

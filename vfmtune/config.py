@@ -72,11 +72,24 @@ class HeadConfig:
 
 @dataclass
 class FinetuneConfig:
-    mode: str = "frozen"  # frozen | last_blocks | full
+    mode: str = "frozen"  # frozen | last_blocks | full | progressive | lora
     n_blocks: int = 2  # last_blocks only: how many of the backbone's last blocks train
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names to freeze
     unfreeze: list[str] = field(default_factory=list)  # patterns to train even when frozen by mode
     cache_embeddings: bool = True  # frozen backbone: train the head on cached embeddings
+    train_bn: bool = False  # BatchNorm layers whose parameters are frozen keep their running statistics
+    # Progressive unfreezing (mode=progressive, or with mode=lora): epoch -> groups that start training,
+    # e.g. {0: head, 2: blocks.8-11, 4: all}; names: stem, blocks.N, blocks.A-B, norm, head, all.
+    schedule: Any = None  # {epoch: groups}
+    every: int = 0  # or: every `every` epochs unfreeze `step` more blocks, last blocks first
+    step: int = 0
+    warmup_epochs: float = 1.0  # a newly unfrozen group's lr ramps up linearly over this many epochs
+    # LoRA (mode=lora, via peft): low-rank adapters on the backbone's linear layers, backbone frozen.
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Any = "attn"  # attn | attn_mlp | a list of module-name suffixes, e.g. [attn.qkv, mlp.fc2]
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA, https://arxiv.org/abs/2402.09353)
 
 
 @dataclass
@@ -86,6 +99,9 @@ class OptimConfig:
     backbone_lr_scale: float = 0.1  # trainable backbone params get lr * this
     weight_decay: float = 0.05  # never applied to norms, biases, tokens and position embeddings
     momentum: float = 0.9  # sgd only
+    # Layer-wise lr decay (BEiT, https://arxiv.org/abs/2106.08254): a backbone layer at depth d below
+    # the top gets lr * backbone_lr_scale * layer_decay**d (timm's param_groups_layer_decay). None: off.
+    layer_decay: Optional[float] = None
 
 
 @dataclass
@@ -164,10 +180,13 @@ class Config:
     seed: int = 0
     cache_dir: Optional[str] = None  # default: $VFMTUNE_CACHE or ~/.cache/vfmtune
     # evaluate / predict
-    ckpt: Optional[str] = None  # a checkpoint file or a run directory
+    # evaluate / predict / export-merged: a checkpoint file or a run directory; train: resume from this
+    # last.ckpt (weights, optimizer, lr schedule, unfreezing state and RNG state are all restored)
+    ckpt: Optional[str] = None
     split: str = "test"  # evaluate: train | val | test | all
     images: Optional[str] = None  # predict: a folder (searched recursively) or one image
     folds: int = 5  # cv: StratifiedKFold over train+val; the test split stays held out
+    merge_atol: float = 1.0e-4  # export-merged: max abs logit difference allowed between merged and LoRA
 
 
 def register_configs() -> None:

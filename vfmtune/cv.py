@@ -126,6 +126,10 @@ class Ensemble(L.LightningModule):
         return self.members[0].backbone
 
     @property
+    def progressive(self) -> bool:
+        return bool(self.members[0].progressive)
+
+    @property
     def embeddings_input(self) -> bool:
         return bool(self.members[0].embeddings_input)
 

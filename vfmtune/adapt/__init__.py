@@ -1,1 +1,1 @@
-"""Adaptation strategies: freezing by depth or name (more arrive with LoRA and progressive unfreezing)."""
+"""Adaptation strategies: freezing, progressive unfreezing, LoRA (peft) and layer-wise lr decay."""

@@ -9,9 +9,11 @@ from typing import Sequence
 from timm.models import group_parameters
 from torch import nn
 
+from vfmtune.adapt.layer_decay import timm_model
 from vfmtune.config import ConfigError
 
-FINETUNE_MODES = ("frozen", "last_blocks", "full")
+# progressive and lora start from a frozen backbone: an unfreezing schedule / peft adapters add to it.
+FINETUNE_MODES = ("frozen", "last_blocks", "full", "progressive", "lora")
 _BLOCK_NAME = re.compile(r"(^|\.)(blocks|layers?|stages?)_?\.?\d")  # blocks.3, layer3, stages.2
 
 
@@ -21,7 +23,33 @@ def block_groups(backbone: nn.Module) -> list[list[str]]:
     Uses timm's `group_matcher(coarse=True)`, the same grouping timm's layer-wise LR decay uses, so it
     works for ViTs, SAM and CNNs alike.
     """
-    return list(group_parameters(backbone, backbone.group_matcher(coarse=True)).values())
+    model = timm_model(backbone)
+    return list(group_parameters(model, model.group_matcher(coarse=True)).values())
+
+
+def group_label(index: int, names: Sequence[str]) -> str:
+    """A readable name for a block group: "stem", "blocks.3" (or layers.N / stages.N), "norm", "neck"."""
+    if index == 0:
+        return "stem"
+    m = re.match(r"^((?:blocks|layers?|stages?)\.?\d+)", names[0])
+    return m.group(1) if m else names[0].split(".")[0]
+
+
+def named_groups(backbone: nn.Module) -> dict[str, list[str]]:
+    """Block groups by label, input side first (names are the timm model's parameter names)."""
+    out: dict[str, list[str]] = {}
+    for i, group in enumerate(block_groups(backbone)):
+        out.setdefault(group_label(i, group), []).extend(group)
+    return out
+
+
+def keep_frozen_bn_eval(module: nn.Module) -> None:
+    """Put BatchNorm layers whose parameters are all frozen in eval mode, so their running statistics
+    stay those of pretraining (what a frozen layer means); ViT LayerNorms have none and train with
+    their block."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
 
 
 def _trainable_groups(groups: list[list[str]], n_blocks: int) -> list[list[str]]:
@@ -80,7 +108,7 @@ def apply_finetune(
     names = list(params)
     if mode == "full":
         trainable = set(names)
-    elif mode == "frozen":
+    elif mode in ("frozen", "progressive", "lora"):
         trainable = set()
     else:
         trainable = {n for group in _trainable_groups(block_groups(backbone), n_blocks) for n in group}
@@ -97,11 +125,8 @@ def is_frozen(module: nn.Module) -> bool:
 def param_table(backbone: nn.Module, head: nn.Module | None = None) -> str:
     """A text table of trainable vs total parameters per block group, printed at the start of a run."""
     rows: list[tuple[str, int, int]] = []
-    params = dict(backbone.named_parameters())
-    for i, group in enumerate(block_groups(backbone)):
-        label = group[0].split(".")[0] if i == 0 else ".".join(group[0].split(".")[:2])
-        if i == 0:
-            label = "stem"
+    params = dict(timm_model(backbone).named_parameters())  # LoRA's A/B matrices count in their block
+    for label, group in named_groups(backbone).items():
         total = sum(params[n].numel() for n in group)
         train = sum(params[n].numel() for n in group if params[n].requires_grad)
         rows.append((label, train, total))

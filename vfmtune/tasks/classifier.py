@@ -13,7 +13,8 @@ from timm.optim._param_groups import param_groups_weight_decay
 from torch import nn
 from typing_extensions import override
 
-from vfmtune.adapt.freeze import apply_finetune, is_frozen
+from vfmtune.adapt.freeze import apply_finetune, is_frozen, keep_frozen_bn_eval
+from vfmtune.adapt.layer_decay import backbone_param_groups
 from vfmtune.backbones import create_backbone
 from vfmtune.config import ConfigError
 from vfmtune.losses import build_loss
@@ -77,6 +78,10 @@ class Classifier(L.LightningModule):
         )
         ft = config["finetune"]
         apply_finetune(self.backbone, ft["mode"], ft["n_blocks"], ft["freeze"], ft["unfreeze"])
+        if ft["mode"] == "lora":
+            from vfmtune.adapt.lora import apply_lora
+
+            self.backbone = apply_lora(self.backbone, ft)
         self.head = build_head(self.backbone.num_features, len(self.classes), config["head"])
         self.class_counts = counts
         # Without counts (a model built by hand, not by `vfmtune.train`) classes count as equal.
@@ -102,6 +107,8 @@ class Classifier(L.LightningModule):
         # features that are meant to be fixed (and that the embedding cache assumes are).
         if mode and is_frozen(self.backbone):
             self.backbone.eval()
+        elif mode and not self.config["finetune"].get("train_bn", False):
+            keep_frozen_bn_eval(self.backbone)  # partly frozen: frozen BatchNorms keep their statistics
         return self
 
     @override
@@ -148,20 +155,33 @@ class Classifier(L.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.logits(x).softmax(-1)
 
+    @property
+    def progressive(self) -> bool:
+        """True when a progressive unfreezing schedule adds param groups during training."""
+        ft = self.config["finetune"]
+        return ft["mode"] == "progressive" or bool(ft.get("schedule")) or bool(ft.get("every"))
+
+    def backbone_param_groups(self, only: Any = None) -> list[dict[str, Any]]:
+        """Trainable backbone parameters as optimizer groups: lr = optim.lr x backbone_lr_scale, decayed
+        by depth when optim.layer_decay is set (progressive unfreezing adds groups the same way)."""
+        o = self.config["optim"]
+        return backbone_param_groups(
+            self.backbone, o["lr"] * o["backbone_lr_scale"], o["weight_decay"], o.get("layer_decay"), only
+        )
+
     @override
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig | torch.optim.Optimizer:
         o, s = self.config["optim"], self.config["sched"]
         # Norms, biases, tokens and position embeddings get no weight decay (timm's grouping).
-        nwd = getattr(self.backbone, "no_weight_decay", lambda: set())()
-        groups = param_groups_weight_decay(self.head, o["weight_decay"])
-        for g in param_groups_weight_decay(self.backbone, o["weight_decay"], no_weight_decay_list=nwd):
-            groups.append({**g, "lr": o["lr"] * o["backbone_lr_scale"]})
-        groups = [g for g in groups if g["params"]]
+        groups = [{**g, "lr": o["lr"]} for g in param_groups_weight_decay(self.head, o["weight_decay"])]
+        groups += self.backbone_param_groups()
+        groups = [{**g, "peak_lr": g["lr"]} for g in groups if g["params"]]
         optimizer = create_optimizer_v2(groups, opt=o["name"], lr=o["lr"], weight_decay=o["weight_decay"], momentum=o["momentum"])
-        if s["name"] == "none":
-            return optimizer
         if s["name"] not in SCHEDULERS:
             raise ConfigError(f"sched.name={s['name']!r} is not one of {', '.join(SCHEDULERS)}.")
+        if s["name"] == "none":
+            # Constant lrs; groups that progressive unfreezing adds still warm up from their join step.
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": GroupCosineLR(optimizer, 0, 1, 1.0, flat=True), "interval": "step"}} if self.progressive else optimizer
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         per_epoch = max(total // max(self.trainer.max_epochs or 1, 1), 1)
         if s["name"] == "step":
@@ -172,8 +192,7 @@ class Classifier(L.LightningModule):
                 optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total, pct_start=s["pct_start"]
             )
         else:
-            warmup = int(s["warmup_epochs"] * per_epoch)
-            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, total, s["min_lr_ratio"]))
+            sched = GroupCosineLR(optimizer, int(s["warmup_epochs"] * per_epoch), total, s["min_lr_ratio"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -187,3 +206,30 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+class GroupCosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """Warm-up + cosine (or flat) lr per param group, from each group's own `peak_lr`.
+
+    Unlike `LambdaLR`, groups added during training (progressive unfreezing) follow the same schedule,
+    each with its own linear warm-up from the step it joined (`join_step`, `warmup_steps` keys). All
+    state is plain numbers in the param groups and here, so it resumes from a weights_only checkpoint.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float, flat: bool = False) -> None:
+        self.warmup_steps, self.total_steps, self.min_ratio, self.flat = warmup_steps, total_steps, min_ratio, flat
+        super().__init__(optimizer)
+
+    def factor(self, step: int) -> float:
+        return 1.0 if self.flat else cosine_with_warmup(self.warmup_steps, self.total_steps, self.min_ratio)(step)
+
+    @override
+    def get_lr(self) -> list[float]:
+        step = max(self.last_epoch, 0)
+        lrs = []
+        for g in self.optimizer.param_groups:
+            warm = 1.0
+            if g.get("warmup_steps"):
+                warm = min(1.0, (step - g["join_step"] + 1) / (g["warmup_steps"] + 1))
+            lrs.append(g["peak_lr"] * self.factor(step) * warm)
+        return lrs

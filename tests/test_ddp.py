@@ -1,0 +1,56 @@
+"""Multi-process training through the real CLI: `trainer.strategy=ddp trainer.devices=2` on CPU (gloo).
+
+Lightning's DDP launcher re-executes the command line for rank 1, so this runs `python -m vfmtune.cli`
+in a subprocess, as a user would. Every rank writes what it trains (vfmtune.adapt.audit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, make_imagefolder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# Two runs cover every vfmtune strategy (frozen/last_blocks/full are plain Lightning DDP): progressive
+# with layer decay, and LoRA with layer decay plus progressive unfreezing of the last block.
+@pytest.mark.parametrize(
+    "strategy, n_trainable_sets",
+    [
+        (["finetune=progressive", "finetune.schedule={0: head, 1: blocks.4-5}", "optim.layer_decay=0.75"], 2),
+        (["finetune=lora", "finetune.schedule={1: blocks.5}", "optim.layer_decay=0.75"], 2),
+    ],
+    ids=["progressive_llrd", "lora_progressive_llrd"],
+)
+def test_ddp_two_processes__same_frozen_set_and_weights_on_all_ranks(tmp_path: Path, strategy: list[str], n_trainable_sets: int) -> None:
+    images = make_imagefolder(tmp_path / "images", {"cat": 10, "dog": 10, "owl": 10})
+    run, audit = tmp_path / "run", tmp_path / "audit"
+    cmd = [
+        sys.executable, "-m", "vfmtune.cli", "train", *TINY, f"data.root={images}", *strategy,
+        "trainer=ddp_cpu", "trainer.max_epochs=2", "early_stopping.enabled=false", "logger=none",
+        f"callbacks=[{{_target_: vfmtune.adapt.audit.TrainableAudit, path: '{audit}'}}]", f"hydra.run.dir={run}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    rows = [[json.loads(line) for line in (audit / f"trainable_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert len(rows[0]) == len(rows[1]) == 3  # 2 epoch starts + train end, on each rank
+    for r0, r1 in zip(*rows):
+        # Same trainable set and lrs after each unfreezing step, and the same weights: gradients of
+        # late-unfrozen groups are averaged across ranks like the rest.
+        assert (r0["trainable"], r0["lrs"], r0["weights"]) == (r1["trainable"], r1["lrs"], r1["weights"]), (r0, r1)
+    assert len({r["n_trainable"] for r in rows[0]}) == n_trainable_sets
+
+    # Metrics come from both ranks' halves of the split (torchmetrics syncs), not from rank 0's only.
+    metrics = json.loads((run / "metrics.json").read_text())
+    n_test = sum(1 for line in (run / "splits.csv").read_text().splitlines()[1:] if line.rstrip().endswith(",test"))
+    counted = sum(map(sum, metrics["test/confusion_matrix"]))
+    assert n_test <= counted <= n_test + 1  # DistributedSampler pads odd splits by one sample

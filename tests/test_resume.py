@@ -1,0 +1,61 @@
+"""Resume equivalence: stopped mid-schedule and resumed from last.ckpt == uninterrupted (shuffled data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import TINY, make_imagefolder
+from vfmtune.api import train
+
+
+class StopAfter(L.Callback):
+    """Stops training after `epochs` epochs, as a crash or a Ctrl-C would (last.ckpt is already written)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+class Snapshot(L.Callback):
+    """What the run ends with: trainable names, optimizer groups (names, lrs) and all weights."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        self.trainable = sorted(n for n, p in pl_module.named_parameters() if p.requires_grad)
+        self.groups = [(sorted(names[id(p)] for p in g["params"]), g["lr"]) for g in trainer.optimizers[0].param_groups]
+        self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["finetune=progressive", "finetune.schedule={0: head, 1: blocks.4-5, 2: all}", "optim.layer_decay=0.75"],
+        ["finetune=lora", "finetune.rank=4", "finetune.targets=attn_mlp", "finetune.schedule={2: blocks.5}"],
+    ],
+    ids=["progressive", "lora"],
+)
+def test_resume__equals_uninterrupted_run(tmp_path: Path, strategy: list[str]) -> None:
+    # Shuffled batches with random augmentation: equal weights need the RNG state restored too.
+    images = make_imagefolder(tmp_path / "images", {"cat": 16, "dog": 16, "owl": 16})
+    overrides = [*TINY, f"data.root={images}", *strategy, "trainer.max_epochs=3", "data.batch_size=8",
+                 "early_stopping.enabled=false", "sched.warmup_epochs=1"]
+    whole, resumed = Snapshot(), Snapshot()
+    train(overrides=overrides, run_dir=tmp_path / "whole", callbacks=[whole])
+    train(overrides=overrides, run_dir=tmp_path / "part", callbacks=[StopAfter(2)])
+    stopped = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stopped["epoch"] == 1  # stopped mid-schedule: epoch 2 unfreezes more
+    train(overrides=[*overrides, f"ckpt={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}"], run_dir=tmp_path / "resumed", callbacks=[resumed])
+
+    assert resumed.trainable == whole.trainable
+    assert [g[0] for g in resumed.groups] == [g[0] for g in whole.groups]
+    assert [g[1] for g in resumed.groups] == pytest.approx([g[1] for g in whole.groups], rel=1e-9)
+    assert resumed.weights.keys() == whole.weights.keys()
+    for key, value in whole.weights.items():
+        torch.testing.assert_close(resumed.weights[key], value, atol=1e-6, rtol=1e-5, msg=key)
