@@ -87,6 +87,12 @@ def sample_table(data: dict[str, Any]) -> SampleTable:
     if data.get("root"):
         return from_imagefolder(data["root"])
     if data.get("manifest"):
+        from vfmtune.distill_api import is_teacher_labelled
+
+        if Path(data["manifest"]).is_file() and is_teacher_labelled(data["manifest"]):
+            raise DataError(f"data.manifest={data['manifest']} is teacher-labelled (it has a confidence column): it "
+                            "would put teacher labels into validation/test. Fix: pass it as data.unlabeled=CSV (training "
+                            "only) and keep data.root/data.manifest for human-labelled images.")
         return from_manifest(data["manifest"])
     if data.get("dataset"):
         return from_imagefolder(packaged_dataset(data["dataset"]))
@@ -254,9 +260,15 @@ def train(
 
 
 def load_model(ckpt: str | Path) -> Classifier:
-    """A trained classifier from a checkpoint file or run directory (loaded with weights_only=True)."""
+    """A trained classifier (or distilled student) from a checkpoint file or run directory (weights_only=True)."""
     checkpoint = load_checkpoint(ckpt)
     hp = checkpoint["hyper_parameters"]
+    if hp.get("task") == "distill":
+        from vfmtune.tasks.distiller import Distiller
+
+        model: Any = Distiller(hp["config"], hp["classes"], teacher_info=hp["teacher_info"], load_weights=False)
+        model.load_state_dict(checkpoint["state_dict"])
+        return model.eval()
     model = Classifier(hp["config"], hp["classes"], load_weights=False)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
