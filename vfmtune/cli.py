@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from vfmtune import api
+from vfmtune import api, distill_api, exporter
 from vfmtune.config import ConfigError, config_dirs, register_configs
 from vfmtune.weights import WeightsError
 
@@ -16,6 +16,9 @@ COMMANDS: dict[str, Callable] = {
     "evaluate": api.evaluate,
     "predict": api.predict,
     "embed": api.embed,
+    "distill": distill_api.distill,
+    "pseudo-label": distill_api.pseudo_label,
+    "export": exporter.export,
 }
 
 USAGE = """usage: vfmtune <command> [key=value ...] [hydra options]
@@ -25,6 +28,9 @@ commands:
   evaluate   recompute metrics for a checkpoint   vfmtune evaluate ckpt=runs/train/<date>/checkpoints/best.ckpt
   predict    classify images with a checkpoint    vfmtune predict ckpt=RUN_DIR images=/path/to/images
   embed      build the frozen-backbone cache      vfmtune embed backbone=dinov2_vits14
+  distill    teach a small CNN from a classifier  vfmtune distill teacher=RUN_DIR student=efficientnet_lite0
+  pseudo-label  teacher labels -> CSV manifest    vfmtune pseudo-label teacher=RUN_DIR images=DIR pseudo_label.threshold=0.9
+  export     verified ONNX/TorchScript bundle     vfmtune export ckpt=RUN_DIR format=onnx quantize=int8
 
 `vfmtune train --cfg job` prints the composed config; `-m` runs a sweep (e.g. optim.lr=1e-3,1e-4);
 `hydra.run.dir=DIR` sets the run directory; `recipes=<name>` applies a recipe from recipes/.
@@ -103,6 +109,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(2)
     register_configs()
     flags, overrides = _split_args(rest)
+    if command == "distill":
+        overrides = distill_api.with_student_defaults(overrides)
     try:
         check_overrides(overrides)
     except Exception as e:  # noqa: BLE001 - a composition error is the user's to fix; show it plainly
