@@ -124,6 +124,8 @@ class Distiller(L.LightningModule):
             raise ConfigError("kd.alpha must lie in [0, 1] and kd.temperature be > 0.")
         self.student = create_backbone(resolve_student(config["student"]), weights=weights if load_weights else "none")
         self.student.reset_classifier(len(self.classes))
+        # NHWC: depthwise convolutions train several times faster on CPU in this layout.
+        self.student.to(memory_format=torch.channels_last)
         self.img_size = int(config["distill"]["img_size"] or teacher_info["img_size"])
         self.data_cfg = data_config(self.student, self.img_size)
         self.register_buffer("s_mean", torch.tensor(self.data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
@@ -152,7 +154,8 @@ class Distiller(L.LightningModule):
 
     def _student(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[0, 1] views -> (logits [B, C], pooled pre-logit features [B, D_s])."""
-        feats = self.student.forward_head(self.student.forward_features((views - self.s_mean) / self.s_std), pre_logits=True)
+        x = ((views - self.s_mean) / self.s_std).contiguous(memory_format=torch.channels_last)
+        feats = self.student.forward_head(self.student.forward_features(x), pre_logits=True)
         return self.student.get_classifier()(feats), feats
 
     @torch.no_grad()
