@@ -99,7 +99,11 @@ def _unlabelled_paths(source: str, held_out: Sequence[str], on_bad: str, workers
 
 def _student_config(config: dict[str, Any], teacher: Classifier, overrides: Sequence[str]) -> dict[str, Any]:
     """The run config: data defaults to the teacher's (same split, so test figures compare), data.* overrides apply."""
-    data = OmegaConf.merge(OmegaConf.create(teacher.config["data"]), OmegaConf.from_dotlist(_overridden(overrides, "data")))
+    given = _overridden(overrides, "data")
+    base = dict(teacher.config["data"])
+    if any(o.split("=", 1)[0] in ("root", "manifest", "dataset") for o in given):
+        base.update(root=None, manifest=None, dataset=None)  # a new source replaces the teacher's, not adds to it
+    data = OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(given))
     return {**config, "data": OmegaConf.to_container(data)}
 
 
