@@ -143,3 +143,10 @@ def test_packaged_efficientnet_lite0__loads_imagenet_weights() -> None:
     model = create_backbone("timm/tf_efficientnet_lite0", weights="packaged")
     assert torch.equal(model.state_dict()["conv_stem.weight"], sd["conv_stem.weight"])
     assert data_config(model)["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_evaluate_student_checkpoint__points_to_export(distill_runs: dict[str, Path], tmp_path: Path) -> None:
+    from vfmtune.api import evaluate
+
+    with pytest.raises(ConfigError, match="distilled student.*vfmtune export"):
+        evaluate(overrides=[f"ckpt={distill_runs['student']}"], run_dir=tmp_path)

@@ -274,6 +274,13 @@ def load_model(ckpt: str | Path) -> Classifier:
     return model.eval()
 
 
+def _classifier_only(model: Any, ckpt: str) -> Classifier:
+    if not isinstance(model, Classifier):
+        raise ConfigError(f"ckpt={ckpt} is a distilled student: its test metrics are in its run's metrics.json; "
+                          "to run it, `vfmtune export ckpt=...` and use vfmtune.runtime.Predictor on the bundle.")
+    return model
+
+
 def _overridden(overrides: Sequence[str], section: str) -> list[str]:
     return [o.split(".", 1)[1] for o in overrides if o.startswith(f"{section}.")]
 
@@ -290,7 +297,7 @@ def evaluate(
     if not config.get("ckpt"):
         raise ConfigError("evaluate needs ckpt=PATH (a .ckpt file or a run directory).")
     out = _run_dir(run_dir, "evaluate")
-    model = load_model(config["ckpt"])
+    model = _classifier_only(load_model(config["ckpt"]), config["ckpt"])
     trained = model.config
     data_cfg = OmegaConf.merge(OmegaConf.create(trained["data"]), OmegaConf.from_dotlist(_overridden(overrides, "data")))
     run_cfg = {**trained, "data": OmegaConf.to_container(data_cfg), "cache_dir": config.get("cache_dir"), "trainer": config["trainer"], "logger": "none"}
@@ -343,7 +350,7 @@ def predict(
     if not config.get("ckpt") or not config.get("images"):
         raise ConfigError("predict needs ckpt=PATH and images=DIR.")
     out = _run_dir(run_dir, "predict")
-    model = load_model(config["ckpt"])
+    model = _classifier_only(load_model(config["ckpt"]), config["ckpt"])
     paths = _list_images(config["images"])
     ok = _scan(paths, config["data"]["on_bad_image"], config["data"]["num_workers"])
     paths = [p for p, good in zip(paths, ok) if good]
