@@ -4,12 +4,12 @@ each exported to ONNX fp32 and INT8 and timed with onnxruntime on this CPU.
 Run (serialised with the other benchmarks): flock /tmp/vfmtune-bench.lock python bench/distill.py
 
 Budget-driven setup (2 shared CPU cores, < 15 minutes):
-- data: a seeded stratified textile subset of 600 images (nominal 300, local 150, global 150), split
-  70/10/20 (420/60/120) by the teacher recipe; the students use the teacher's split.
+- data: a seeded stratified textile subset of 480 images (nominal 240, local 120, global 120), split
+  70/10/20 (336/48/96) by the teacher recipe; the students use the teacher's split.
 - teacher: packaged DINOv2 ViT-S/14, frozen, BN + linear head on cached 224 px embeddings
   (recipes/dinov2_vits14_frozen_textile.yaml), exported and timed at 224 px.
 - students: 112 px, no augmentation (so the teacher's outputs come from the embedding cache and
-  KD costs no extra teacher forwards), 5 epochs, AdamW lr 1e-3 (2e-3 for the random-init one),
+  KD costs no extra teacher forwards), 4 epochs, AdamW lr 1e-3 (2e-3 for the random-init one),
   batch 32, seed 0; CE-only is kd.alpha=0, KD is kd.alpha=0.7, T=4.
   EfficientNet-Lite0 starts from ImageNet (packaged offline), MobileNetV3-Small from random init.
 - latency: onnxruntime CPUExecutionProvider, median of 5 runs at batch 1 and 32, same process.
@@ -31,7 +31,7 @@ from common import textile_subset_manifest, write_results  # noqa: E402
 import os  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"  # pipeline check only: tiny subset, 1 epoch, results not written
-EPOCHS = 1 if QUICK else 5
+EPOCHS = 1 if QUICK else 4
 STUDENT_PX = 112
 COMMON = ["trainer.enable_progress_bar=false", "data.num_workers=2", "seed=0"]
 STUDENTS = {  # name -> (alias, extra overrides)
@@ -79,7 +79,7 @@ def main() -> None:
     t_start = time.perf_counter()
     figures: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = textile_subset_manifest(Path(tmp) / "subset.csv", {"nominal": 300, "local": 150, "global": 150} if not QUICK else {"nominal": 20, "local": 10, "global": 10})
+        manifest = textile_subset_manifest(Path(tmp) / "subset.csv", {"nominal": 240, "local": 120, "global": 120} if not QUICK else {"nominal": 20, "local": 10, "global": 10})
         teacher = vfmtune.train(overrides=["recipes=dinov2_vits14_frozen_textile", f"data.manifest={manifest}", *COMMON],
                                 run_dir=f"{tmp}/teacher")
         figures["teacher.torch_test_macro_f1"] = round(teacher["metrics"]["test/macro_f1"], 4)
@@ -107,7 +107,7 @@ def main() -> None:
     for model in ["teacher"] + [f"{n}_{l}" for n in STUDENTS for l in LOSSES]:
         figures[f"target.{model}_int8_f1_drop_points"] = round(100 * (t[f"{model}.test_macro_f1"] - t[f"{model}_int8.test_macro_f1"]), 2)
         figures[f"target.{model}_int8_speedup_b32"] = round(t[f"{model}.latency_ms_b32"] / t[f"{model}_int8.latency_ms_b32"], 2)
-    figures.update({"subset": "textile nominal 300 / local 150 / global 150, split 70/10/20 (seed 0)",
+    figures.update({"subset": "textile nominal 240 / local 120 / global 120, split 70/10/20 (seed 0)",
                     "teacher_px": 224, "student_px": STUDENT_PX, "epochs": EPOCHS, "augmentation": False,
                     "total_seconds": round(time.perf_counter() - t_start, 1)})
     write_results("distill" if not QUICK else "distill_quick_check", figures)
