@@ -54,9 +54,10 @@ def _entries(name: str, m: dict) -> dict:
             f"{variant}.params": m["params"],
             f"{variant}.latency_ms_b1": m[f"{prefix}latency_ms_b1"],
             f"{variant}.latency_ms_b32": m[f"{prefix}latency_ms_b32"],
-            # fp32: export vs torch source; int8: INT8 vs fp32 ONNX logits
+            # logits; fp32: export vs torch source (gate: probabilities, below); int8: INT8 vs fp32 ONNX
             f"{variant}.onnx_max_abs_diff": float(f"{m[prefix + 'max_abs_diff']:.3g}"),
         })
+    out[f"{name}.onnx_max_abs_diff_probs"] = float(f"{m['max_abs_diff_probs']:.3g}")
     out[f"{name}_int8.top1_agreement_vs_fp32"] = round(m["int8_top1_agreement"], 4)
     out[f"{name}_int8.mode"] = m["int8_mode"]
     out[f"{name}_int8.gate_passed"] = m["int8_gate_passed"]

@@ -149,7 +149,7 @@ class PseudoLabelConfig:
 
 @dataclass
 class ExportConfig:
-    atol: float = 1e-4  # fp32: max abs logit difference allowed between the source model and the export
+    atol: float = 1e-4  # fp32: max abs difference of class probabilities, source model vs export (logits reported too)
     opset: int = 18
     verify_images: int = 64  # test-split images compared source vs export (0: all)
     calibration_images: int = 64  # int8: training images the static quantizer calibrates on
