@@ -49,3 +49,21 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 def imagefolder(tmp_path: Path) -> Path:
     """40 images per class, 3 classes."""
     return make_imagefolder(tmp_path / "images", {"cat": 40, "dog": 40, "owl": 40})
+
+
+# Distillation / export (issue 5): one tiny teacher and one distilled student, shared by their tests.
+TINY_STUDENT = ["student=timm/test_efficientnet", "distill.weights=none", "data.augment.enabled=false"]
+
+
+@pytest.fixture(scope="session")
+def distill_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{"images", "teacher", "student"}: a frozen test_vit classifier and a test_efficientnet student
+    distilled from it (KD + feature distillation, cached teacher outputs)."""
+    from vfmtune.cli import main
+
+    base = tmp_path_factory.mktemp("distill")
+    images = make_imagefolder(base / "images", {"cat": 20, "dog": 20, "owl": 20})
+    main(["train", *TINY, f"data.root={images}", "trainer.max_epochs=3", f"hydra.run.dir={base / 'teacher'}"])
+    main(["distill", *TINY, *TINY_STUDENT, f"teacher={base / 'teacher'}", "kd.feature_weight=0.5",
+          f"hydra.run.dir={base / 'student'}"])
+    return {"images": images, "teacher": base / "teacher", "student": base / "student"}

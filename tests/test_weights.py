@@ -85,7 +85,7 @@ def test_load_state_dict_file__non_tensor_entries(tmp_path: Path) -> None:
 
 
 def test_packaged__unknown_name_lists_packaged() -> None:
-    with pytest.raises(WeightsError, match=rf"\['{DINO}'\].*dinov2_vits14"):
+    with pytest.raises(WeightsError, match=rf"\['tf_efficientnet_lite0', '{DINO}'\].*dinov2_vits14, efficientnet_lite0"):
         packaged_weights("vit_base_patch16_224")
     with pytest.raises(WeightsError, match="No packaged weights"):
         create_backbone("vit_b16", weights="packaged")

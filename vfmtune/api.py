@@ -92,6 +92,12 @@ def sample_table(data: dict[str, Any]) -> SampleTable:
     if data.get("root"):
         return from_imagefolder(data["root"])
     if data.get("manifest"):
+        from vfmtune.distill_api import is_teacher_labelled
+
+        if Path(data["manifest"]).is_file() and is_teacher_labelled(data["manifest"]):
+            raise DataError(f"data.manifest={data['manifest']} is teacher-labelled (it has a confidence column): it "
+                            "would put teacher labels into validation/test. Fix: pass it as data.unlabeled=CSV (training "
+                            "only) and keep data.root/data.manifest for human-labelled images.")
         return from_manifest(data["manifest"])
     if data.get("dataset"):
         return from_imagefolder(packaged_dataset(data["dataset"]))
@@ -301,9 +307,10 @@ def fit(config: dict[str, Any], prepared: Prepared, out: Path, callbacks: Sequen
     return result
 
 
-def load_model(ckpt: str | Path) -> Classifier | Ensemble:
-    """A trained classifier from a checkpoint file, run directory or LoRA adapter folder (loaded with
-    weights_only=True); for a `vfmtune cv` run directory, the `Ensemble` of its fold models."""
+def load_model(ckpt: str | Path) -> Classifier | Ensemble | Any:
+    """A trained model from a checkpoint file, run directory or LoRA adapter folder (loaded with
+    weights_only=True): a `Classifier`, a distilled student (`Distiller`), or for a `vfmtune cv` run
+    directory the `Ensemble` of its fold models."""
     if is_cv_run(ckpt):
         members = [load_model(d) for d in fold_checkpoints(ckpt)]
         digests = {_weights_digest(m.backbone) for m in members} if all(is_frozen(m.backbone) for m in members) else set()
@@ -312,9 +319,22 @@ def load_model(ckpt: str | Path) -> Classifier | Ensemble:
         return load_adapter(ckpt)
     checkpoint = load_checkpoint(ckpt)
     hp = checkpoint["hyper_parameters"]
+    if hp.get("task") == "distill":
+        from vfmtune.tasks.distiller import Distiller
+
+        student = Distiller(hp["config"], hp["classes"], teacher_info=hp["teacher_info"], load_weights=False)
+        student.load_state_dict(checkpoint["state_dict"])
+        return student.eval()
     model = Classifier(hp["config"], hp["classes"], load_weights=False, class_counts=hp.get("class_counts"))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
+
+
+def _classifier_only(model: Any, ckpt: str) -> Classifier | Ensemble:
+    if not isinstance(model, (Classifier, Ensemble)):
+        raise ConfigError(f"ckpt={ckpt} is a distilled student: its test metrics are in its run's metrics.json; "
+                          "to run it, `vfmtune export ckpt=...` and use vfmtune.runtime.Predictor on the bundle.")
+    return model
 
 
 def _overridden(overrides: Sequence[str], section: str) -> list[str]:
@@ -333,7 +353,7 @@ def evaluate(
     if not config.get("ckpt"):
         raise ConfigError("evaluate needs ckpt=PATH (a .ckpt file or a run directory).")
     out = _run_dir(run_dir, "evaluate")
-    model = load_model(config["ckpt"])
+    model = _classifier_only(load_model(config["ckpt"]), config["ckpt"])
     trained = model.config
     data_cfg = OmegaConf.merge(OmegaConf.create(trained["data"]), OmegaConf.from_dotlist(_overridden(overrides, "data")))
     run_cfg = {**trained, "data": OmegaConf.to_container(data_cfg), "cache_dir": config.get("cache_dir"), "trainer": config["trainer"], "logger": "none"}
@@ -391,7 +411,7 @@ def predict(
     if not config.get("ckpt") or not config.get("images"):
         raise ConfigError("predict needs ckpt=PATH and images=DIR.")
     out = _run_dir(run_dir, "predict")
-    model = load_model(config["ckpt"])
+    model = _classifier_only(load_model(config["ckpt"]), config["ckpt"])
     paths = _list_images(config["images"])
     ok = _scan(paths, config["data"]["on_bad_image"], config["data"]["num_workers"])
     paths = [p for p, good in zip(paths, ok) if good]

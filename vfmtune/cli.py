@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from vfmtune import api
+from vfmtune import api, distill_api, exporter
 from vfmtune.config import ConfigError, config_dirs, register_configs
 from vfmtune.weights import WeightsError
 
@@ -18,6 +18,9 @@ COMMANDS: dict[str, Callable] = {
     "embed": api.embed,
     "cv": api.cv,
     "export-merged": api.export_merged,
+    "distill": distill_api.distill,
+    "pseudo-label": distill_api.pseudo_label,
+    "export": exporter.export,
 }
 
 USAGE = """usage: vfmtune <command> [key=value ...] [hydra options]
@@ -29,6 +32,9 @@ commands:
   embed      build the frozen-backbone cache      vfmtune embed backbone=dinov2_vits14
   cv         stratified k-fold, fold ensemble     vfmtune cv folds=5 loss=weighted_ce
   export-merged  merge a LoRA run into a plain checkpoint   vfmtune export-merged ckpt=RUN_DIR
+  distill    teach a small CNN from a classifier  vfmtune distill teacher=RUN_DIR student=efficientnet_lite0
+  pseudo-label  teacher labels -> CSV manifest    vfmtune pseudo-label teacher=RUN_DIR images=DIR pseudo_label.threshold=0.9
+  export     verified ONNX/TorchScript bundle     vfmtune export ckpt=RUN_DIR format=onnx quantize=int8
 
 `vfmtune train --cfg job` prints the composed config; `-m` runs a sweep (e.g. optim.lr=1e-3,1e-4);
 `hydra.run.dir=DIR` sets the run directory; `recipes=<name>` applies a recipe from recipes/.
@@ -107,6 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(2)
     register_configs()
     flags, overrides = _split_args(rest)
+    if command == "distill":
+        overrides = distill_api.with_student_defaults(overrides)
     try:
         check_overrides(overrides)
     except Exception as e:  # noqa: BLE001 - a composition error is the user's to fix; show it plainly

@@ -53,6 +53,8 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int = 2
     on_bad_image: str = "error"  # error: stop with a report | skip: drop and count bad files
+    # distill: a folder (or pseudo-label CSV) of unlabelled images the teacher labels; training split only
+    unlabeled: Optional[str] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     sampler: str = "shuffle"  # shuffle | balanced: class-balanced sampling with replacement (vfmtune.sampling)
     # With a frozen backbone, balanced sampling would repeat identical cached embeddings; true runs
@@ -161,6 +163,41 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class KDConfig:
+    # Hinton et al. 2015 (arXiv:1503.02531): loss = (1 - alpha) * CE(hard labels)
+    #   + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + feature_weight * feature loss
+    temperature: float = 4.0
+    alpha: float = 0.7  # 0: CE only (no teacher needed), 1: teacher only
+    feature_weight: float = 0.0  # > 0: student pooled features -> linear projector -> teacher embedding
+    feature_loss: str = "cosine"  # cosine | mse
+
+
+@dataclass
+class DistillConfig:
+    weights: str = "auto"  # student weights: auto (packaged, else hub, else none) | packaged | hub | none
+    img_size: Optional[int] = None  # student input size; None: the teacher's backbone.img_size
+    cache_teacher: bool = True  # frozen teacher + deterministic views: its outputs are computed once
+
+
+@dataclass
+class PseudoLabelConfig:
+    threshold: float = 0.0  # rows below this teacher confidence are left out of the manifest
+    output: Optional[str] = None  # CSV path; default <run dir>/pseudo_labels.csv
+
+
+@dataclass
+class ExportConfig:
+    atol: float = 1e-4  # fp32: max abs difference of class probabilities, source model vs export (logits reported too)
+    opset: int = 18
+    verify_images: int = 64  # test-split images compared source vs export (0: all)
+    calibration_images: int = 64  # int8: training images the static quantizer calibrates on
+    min_top1_agreement: float = 0.95  # int8 gate: share of test images where int8 and fp32 agree on top-1
+    max_accuracy_drop: float = 0.02  # int8 gate: test accuracy drop vs fp32 (0.02 = 2 points)
+    latency_repeats: int = 5  # median of this many timed runs per batch size
+    output: Optional[str] = None  # bundle folder; default <run dir>/bundle
+
+
+@dataclass
 class Config:
     """The whole run. `vfmtune <command>` composes it from `conf/config.yaml` plus overrides."""
 
@@ -184,9 +221,19 @@ class Config:
     # last.ckpt (weights, optimizer, lr schedule, unfreezing state and RNG state are all restored)
     ckpt: Optional[str] = None
     split: str = "test"  # evaluate: train | val | test | all
-    images: Optional[str] = None  # predict: a folder (searched recursively) or one image
+    images: Optional[str] = None  # predict / pseudo-label: a folder (searched recursively) or one image
     folds: int = 5  # cv: StratifiedKFold over train+val; the test split stays held out
     merge_atol: float = 1.0e-4  # export-merged: max abs logit difference allowed between merged and LoRA
+    # distill / pseudo-label
+    teacher: Optional[str] = None  # a vfmtune classifier checkpoint or run directory
+    student: str = "mobilenetv3_large_100"  # an alias (vfmtune.tasks.distiller.STUDENTS) or "timm/<name>"
+    kd: KDConfig = field(default_factory=KDConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    # export
+    format: str = "onnx"  # onnx | torchscript
+    quantize: Optional[str] = None  # int8 (onnx only)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def register_configs() -> None:

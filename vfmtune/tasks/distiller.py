@@ -1,0 +1,261 @@
+"""Teacher -> student knowledge distillation: a small timm CNN learns from a vfmtune classifier.
+
+Loss (Hinton et al. 2015, https://arxiv.org/abs/1503.02531), with optional feature distillation:
+
+    (1 - alpha) * CE(student, hard labels) + alpha * T^2 * KL(p_teacher^T || p_student^T)
+    + feature_weight * d(projector(student pooled features), teacher embedding)
+
+Teacher and student see the same view of each image ("consistent teaching", Beyer et al. 2022,
+https://arxiv.org/abs/2106.05237): batches hold one un-normalised [0, 1] view, and each model gets
+its own resize and normalisation of it. Unlabelled images carry label -1: they add only the
+teacher's soft targets (and features) to the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.optim._param_groups import param_groups_weight_decay
+from torch import nn
+from typing_extensions import override
+
+from vfmtune.backbones import create_backbone, data_config
+from vfmtune.config import ConfigError
+from vfmtune.metrics import classification_metrics, flatten
+from vfmtune.tasks.classifier import Classifier, cosine_with_warmup
+
+# Student aliases -> timm names. Any other timm model works as "timm/<name>".
+STUDENTS: dict[str, str] = {
+    "mobilenetv3_small_100": "mobilenetv3_small_100",
+    "mobilenetv3_large_100": "mobilenetv3_large_100",
+    "efficientnet_lite0": "tf_efficientnet_lite0",  # ImageNet weights packaged offline (ASSETS.md)
+    "resnet18": "resnet18",
+}
+STUDENT_WEIGHTS = ("auto", "packaged", "hub", "none")
+FEATURE_LOSSES = ("cosine", "mse")
+UNLABELED = -1  # label of teacher-labelled images: no CE term
+
+
+def resolve_student(name: str) -> str:
+    """A student alias or "timm/<name>" -> the "timm/<name>" string `create_backbone` takes.
+
+    Example:
+        >>> resolve_student("efficientnet_lite0")
+        'timm/tf_efficientnet_lite0'
+    """
+    import timm
+
+    if name in STUDENTS:
+        return f"timm/{STUDENTS[name]}"
+    if name.startswith("timm/") and timm.is_model(name.removeprefix("timm/")):
+        return name
+    raise ConfigError(
+        f"student={name!r} is not a known student. Valid: {', '.join(STUDENTS)}, or any timm model as 'timm/<name>'."
+    )
+
+
+def student_weights_source(name: str, weights: str) -> str:
+    """Resolve distill.weights=auto: packaged ImageNet weights offline, else the hub if reachable, else none."""
+    from vfmtune.weights import WeightsError, check_hub_reachable, packaged_weights
+
+    if weights not in STUDENT_WEIGHTS:
+        raise ConfigError(f"distill.weights={weights!r} is not one of {', '.join(STUDENT_WEIGHTS)}.")
+    if weights != "auto":
+        return weights
+    try:
+        packaged_weights(resolve_student(name).removeprefix("timm/"))
+        return "packaged"
+    except WeightsError:
+        pass
+    try:
+        check_hub_reachable(timeout=2.0)
+        return "hub"
+    except WeightsError:
+        print(f"student {name}: no packaged weights and no hub access -> random init (distill.weights=none)")
+        return "none"
+
+
+def pre_logits_dim(model: nn.Module) -> int:
+    """Size of `forward_head(..., pre_logits=True)`: MobileNetV3's head conv makes it differ from num_features."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+class Distiller(L.LightningModule):
+    """A timm student trained from a frozen vfmtune `Classifier` teacher.
+
+    Args:
+        config: the run's config as plain Python types (keys `student`, `kd`, `distill`, `optim`, ...).
+        classes: class names, index = label; must equal the teacher's.
+        teacher: the frozen teacher; None when loading a trained student from a checkpoint.
+        teacher_info: `{"dim", "img_size", "mean", "std"}` of the teacher (stored in the checkpoint).
+        load_weights: build the student with its configured weights (False: a state dict follows).
+
+    Example:
+        >>> model = Distiller(cfg, ["ok", "defect"], teacher=vfmtune.load_model("runs/teacher"))
+        >>> logits = model(normalised_images)  # [B, 2], the student only: this is what gets exported
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        classes: Sequence[str],
+        teacher: Optional[Classifier] = None,
+        teacher_info: Optional[dict[str, Any]] = None,
+        load_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        if teacher_info is None:
+            if teacher is None:
+                raise ValueError("Distiller needs a teacher or teacher_info.")
+            t_cfg = data_config(teacher.backbone, teacher.config["backbone"]["img_size"])
+            teacher_info = {"dim": int(teacher.backbone.num_features), "img_size": int(t_cfg["input_size"][-1]),
+                            "mean": list(t_cfg["mean"]), "std": list(t_cfg["std"])}
+        weights = config["distill"]["weights"]
+        self.save_hyperparameters({"config": config, "classes": list(classes), "task": "distill", "teacher_info": teacher_info})
+        self.config, self.classes, self.teacher_info = config, list(classes), teacher_info
+        kd = config["kd"]
+        if kd["feature_loss"] not in FEATURE_LOSSES:
+            raise ConfigError(f"kd.feature_loss={kd['feature_loss']!r} is not one of {', '.join(FEATURE_LOSSES)}.")
+        if not 0.0 <= kd["alpha"] <= 1.0 or kd["temperature"] <= 0:
+            raise ConfigError("kd.alpha must lie in [0, 1] and kd.temperature be > 0.")
+        self.student = create_backbone(resolve_student(config["student"]), weights=weights if load_weights else "none")
+        self.student.reset_classifier(len(self.classes))
+        # NHWC: depthwise convolutions train several times faster on CPU in this layout.
+        self.student.to(memory_format=torch.channels_last)
+        self.img_size = int(config["distill"]["img_size"] or teacher_info["img_size"])
+        self.data_cfg = data_config(self.student, self.img_size)
+        self.register_buffer("s_mean", torch.tensor(self.data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("s_std", torch.tensor(self.data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("t_mean", torch.tensor(teacher_info["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("t_std", torch.tensor(teacher_info["std"]).view(1, 3, 1, 1), persistent=False)
+        self.projector = nn.Linear(pre_logits_dim(self.student), teacher_info["dim"]) if kd["feature_weight"] > 0 else None
+        if teacher is not None:
+            teacher = teacher.eval().requires_grad_(False)
+            if hasattr(teacher.backbone, "merge_and_unload"):  # a LoRA teacher: merged, it runs at plain speed
+                teacher.backbone = teacher.backbone.merge_and_unload()
+        # Not a registered submodule: the teacher stays out of the student's checkpoint and optimiser.
+        self.__dict__["teacher"] = teacher
+        self.val_metrics = classification_metrics(len(self.classes))
+        self.test_metrics = classification_metrics(len(self.classes))
+        self.eval_results: dict[str, dict[str, Any]] = {}
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.config["kd"]["alpha"] > 0 or self.projector is not None
+
+    @override
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images normalised with the student's mean/std [B, 3, H, W] -> logits [B, C] (the exported graph)."""
+        return self.student(images)
+
+    def _student(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[0, 1] views -> (logits [B, C], pooled pre-logit features [B, D_s])."""
+        x = ((views - self.s_mean) / self.s_std).contiguous(memory_format=torch.channels_last)
+        feats = self.student.forward_head(self.student.forward_features(x), pre_logits=True)
+        return self.student.get_classifier()(feats), feats
+
+    @torch.no_grad()
+    def teacher_outputs(self, views: torch.Tensor, embeddings: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, C], embedding [B, D_t]) of the teacher on the same views, or on cached embeddings."""
+        teacher = self.__dict__["teacher"]
+        if teacher is None:
+            raise ValueError("This Distiller was loaded without its teacher; it can predict but not train.")
+        teacher.to(views.device)
+        if embeddings is None:
+            size = self.teacher_info["img_size"]
+            x = views if views.shape[-1] == size else F.interpolate(views, size=(size, size), mode="bilinear", antialias=True)
+            embeddings = teacher.backbone((x - self.t_mean) / self.t_std)
+        return teacher.head(embeddings), embeddings
+
+    def kd_loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor,
+                s_feats: torch.Tensor, t_feats: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The terms of the loss and their weighted sum under "loss"."""
+        kd = self.config["kd"]
+        labelled = labels != UNLABELED
+        ce = F.cross_entropy(s_logits[labelled], labels[labelled]) if labelled.any() else s_logits.sum() * 0
+        out = {"ce": ce, "loss": (1 - kd["alpha"]) * ce}
+        if kd["alpha"] > 0:
+            T = kd["temperature"]
+            kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True, reduction="batchmean")
+            out["kl"] = kl
+            out["loss"] = out["loss"] + kd["alpha"] * T * T * kl
+        if self.projector is not None and t_feats is not None:
+            p = self.projector(s_feats)
+            feat = (1 - F.cosine_similarity(p, t_feats, dim=-1)).mean() if kd["feature_loss"] == "cosine" else F.mse_loss(p, t_feats)
+            out["feature"] = feat
+            out["loss"] = out["loss"] + kd["feature_weight"] * feat
+        return out
+
+    @override
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.__dict__.get("teacher") is not None:
+            self.__dict__["teacher"].eval()  # frozen: BN statistics and dropout never change its targets
+        return self
+
+    @override
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        views, labels = batch[0], batch[1]
+        s_logits, s_feats = self._student(views)
+        t_logits = t_feats = None
+        if self.needs_teacher:
+            t_logits, t_feats = self.teacher_outputs(views, batch[2] if len(batch) > 2 else None)
+        terms = self.kd_loss(s_logits, t_logits if t_logits is not None else s_logits.detach(), labels, s_feats, t_feats)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=name == "loss", on_epoch=True, prog_bar=name == "loss", batch_size=len(labels))
+        return terms["loss"]
+
+    def _eval_step(self, batch: Sequence[torch.Tensor], prefix: str) -> None:
+        logits, _ = self._student(batch[0])
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, batch[1]), on_epoch=True, batch_size=len(batch[1]))
+        (self.val_metrics if prefix == "val" else self.test_metrics).update(logits.argmax(-1), batch[1])
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        metrics = self.val_metrics if prefix == "val" else self.test_metrics
+        flat = flatten(metrics.compute(), prefix, self.classes)
+        metrics.reset()
+        for key, value in flat.items():
+            if not isinstance(value, list):
+                self.log(key, value, prog_bar=key == f"{prefix}/macro_f1")
+        self.eval_results[prefix] = flat
+
+    @override
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    @override
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._student(batch[0] if isinstance(batch, (tuple, list)) else batch)[0].softmax(-1)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        o, s = self.config["optim"], self.config["sched"]
+        groups = param_groups_weight_decay(self.student, o["weight_decay"])
+        if self.projector is not None:
+            groups += param_groups_weight_decay(self.projector, o["weight_decay"])
+        optimizer = create_optimizer_v2([g for g in groups if g["params"]], opt=o["name"], lr=o["lr"],
+                                        weight_decay=o["weight_decay"], momentum=o["momentum"])
+        if s["name"] == "none":
+            return optimizer
+        if s["name"] != "cosine":
+            raise ConfigError(f"sched.name={s['name']!r}: distill supports cosine or none.")
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(s["warmup_epochs"] * max(total // max(self.trainer.max_epochs or 1, 1), 1))
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, total, s["min_lr_ratio"]))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
