@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from common import write_results
-from vfmtune.api import _trainer, load_config
+from vfmtune.runner import build_trainer, load_config
 from vfmtune.config import to_container
 from vfmtune.tasks.classifier import Classifier
 
@@ -58,7 +58,7 @@ def vfmtune_images_per_second() -> float:
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         config = {**CONFIG, "trainer": {**CONFIG["trainer"], "max_epochs": 1, "limit_val_batches": 0}}
-        trainer = _trainer(config, tmp, [timer], enable_checkpointing=False)
+        trainer = build_trainer(config, tmp, [timer], enable_checkpointing=False)
         trainer.fit(model(), train_dataloaders=data())
     return (STEPS - WARMUP) * BATCH / (timer.t1 - timer.t0)
 

@@ -43,7 +43,7 @@ def test_group_option__composes_and_builds(group: str, option: str, tmp_path: Pa
 def test_recipe__composes_builds_and_starts_with_its_command(recipe: str) -> None:
     text = (BASE / "recipes" / f"{recipe}.yaml").read_text().splitlines()
     assert text[0] == "# @package _global_"
-    assert text[1].startswith(f"# vfmtune ") and f"recipes={recipe}" in text[1]
+    assert text[1].startswith("# vfmtune ") and f"recipes={recipe}" in text[1]
     config = to_container(load_config(f"recipes={recipe}"))
     config["backbone"].update(name="timm/test_vit", weights="none", img_size=64)
     Classifier(config, ["a", "b", "c"])

@@ -9,10 +9,7 @@ Example:
 from __future__ import annotations
 
 import csv
-import hashlib
 import time
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -25,122 +22,23 @@ from torch.utils.data import Dataset, TensorDataset
 from vfmtune.adapt.freeze import is_frozen, param_table
 from vfmtune.adapt.lora import load_adapter, merge_lora, save_adapter
 from vfmtune.adapt.progressive import progressive_callback
-from vfmtune.checkpoint import AtomicCheckpointIO, atomic_torch_save, load_checkpoint, resolve_checkpoint
+from vfmtune.checkpoint import atomic_torch_save, load_checkpoint, resolve_checkpoint
+from vfmtune.config import Config, ConfigError, safe_instantiate
 from vfmtune.cv import Ensemble, aggregate, fold_checkpoints, fold_splits, is_cv_run, make_folds, save_folds
-from vfmtune.config import Config, ConfigError, check_kwargs, config_dirs, register_configs, safe_instantiate, to_container
 from vfmtune.data.datamodule import ClassificationData, ImageDataset
-from vfmtune.data.images import IMG_EXTENSIONS, DataError, scan_images
-from vfmtune.data.sources import SampleTable, from_imagefolder, from_manifest, packaged_dataset
-from vfmtune.data.splits import resolve_splits, save_splits
+from vfmtune.data.images import DataError
+from vfmtune.data.prepare import SPLITS, Prepared, cache_root, list_images, prepare_data, scan_or_skip, train_class_counts
+from vfmtune.data.splits import save_splits
 from vfmtune.data.transforms import build_transforms
 from vfmtune.embed import EmbeddingCache, model_key
-from vfmtune.report import plot_confusion_matrix, plot_curves, plot_per_class, results_table, split_summary, write_json
+from vfmtune.report import write_json
 from vfmtune.rng import RNGState
+from vfmtune.runner import as_config_dict, build_trainer, load_config, make_run_dir, overridden, weights_digest, write_run_report
 from vfmtune.sampling import build_sampler, check_imbalance_options, resample_embeddings
 from vfmtune.tasks.classifier import Classifier
-from vfmtune.weights import cache_dir as default_cache_dir
-
-SPLITS = ("train", "val", "test")
 
 
-def load_config(*overrides: str) -> DictConfig:
-    """Compose the same config `vfmtune <command> OVERRIDES...` would, without running anything.
-
-    Example:
-        >>> cfg = load_config("backbone=vit_b16", "trainer.max_epochs=3")
-        >>> cfg.backbone.name
-        'vit_b16'
-    """
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
-    conf_dir, recipes_parent = config_dirs()
-    with initialize_config_dir(str(conf_dir), version_base="1.3"):
-        return compose("config", overrides=[*overrides, f"hydra.searchpath=[file://{recipes_parent}]"])
-
-
-@dataclass
-class Prepared:
-    """A dataset after scanning and splitting: what every command works from."""
-
-    table: SampleTable
-    splits: list[str]
-
-    def subset(self, split: str) -> tuple[list[str], list[int]]:
-        keep = [i for i, s in enumerate(self.splits) if split == "all" or s == split]
-        return [self.table.paths[i] for i in keep], [self.table.labels[i] for i in keep]
-
-
-def _as_dict(cfg: Config | DictConfig | dict[str, Any] | None, overrides: Sequence[str]) -> dict[str, Any]:
-    if cfg is None:
-        cfg = load_config(*overrides)
-    return to_container(cfg)
-
-
-def _run_dir(run_dir: Optional[str | Path], command: str) -> Path:
-    path = Path(run_dir) if run_dir else Path("runs") / command / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _cache_root(cfg: dict[str, Any]) -> Path:
-    return Path(cfg["cache_dir"]).expanduser() if cfg.get("cache_dir") else default_cache_dir()
-
-
-def sample_table(data: dict[str, Any]) -> SampleTable:
-    """Samples from `data.root` (ImageFolder), `data.manifest` (CSV) or the packaged `data.dataset`."""
-    if data.get("root"):
-        return from_imagefolder(data["root"])
-    if data.get("manifest"):
-        from vfmtune.distill_api import is_teacher_labelled
-
-        if Path(data["manifest"]).is_file() and is_teacher_labelled(data["manifest"]):
-            raise DataError(f"data.manifest={data['manifest']} is teacher-labelled (it has a confidence column): it "
-                            "would put teacher labels into validation/test. Fix: pass it as data.unlabeled=CSV (training "
-                            "only) and keep data.root/data.manifest for human-labelled images.")
-        return from_manifest(data["manifest"])
-    if data.get("dataset"):
-        return from_imagefolder(packaged_dataset(data["dataset"]))
-    raise ConfigError("No data given. Set data.root=/path/to/imagefolder, data.manifest=/path/to/list.csv or data.dataset=textile.")
-
-
-def _scan(paths: list[str], on_bad: str, workers: int) -> list[bool]:
-    if on_bad not in ("error", "skip"):
-        raise ConfigError(f"data.on_bad_image={on_bad!r} is not one of error, skip.")
-    ok, report = scan_images(paths, on_bad=on_bad, workers=max(workers, 1))
-    if report.bad or report.ignored:
-        print(report.format())
-    return ok
-
-
-def prepare_data(cfg: dict[str, Any], run_dir: Path) -> Prepared:
-    """List, scan (stop or skip on bad files), split (stratified, persisted) and report a dataset."""
-    data = cfg["data"]
-    table = sample_table(data)
-    ok = _scan(table.paths, data["on_bad_image"], data["num_workers"])
-    if not all(ok):
-        keep = [i for i, good in enumerate(ok) if good]
-        table = SampleTable(
-            paths=[table.paths[i] for i in keep],
-            labels=[table.labels[i] for i in keep],
-            classes=table.classes,
-            splits=[table.splits[i] for i in keep] if table.splits else None,
-            ignored=table.ignored,
-        )
-    splits = resolve_splits(table, data["val_fraction"], data["test_fraction"], data["seed"], _cache_root(cfg))
-    save_splits(run_dir / "splits.csv", table.paths, table.labels, table.classes, splits)
-    print(f"{len(table.paths)} images, {len(table.classes)} classes; split saved to {run_dir / 'splits.csv'}")
-    print(split_summary(table.labels, splits, table.classes))
-    return Prepared(table, splits)
-
-
-def _weights_digest(module: torch.nn.Module) -> str:
-    """Identity of the actual tensors: a cache can never serve features of other weights."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:20]
+__all__ = ["cv", "embed", "evaluate", "export_merged", "fit", "load_config", "load_model", "predict", "train"]
 
 
 def _datasets(
@@ -151,8 +49,8 @@ def _datasets(
 
     train_tf, eval_tf = build_transforms(data_config(model.backbone, cfg["backbone"]["img_size"]), cfg["data"]["augment"])
     if use_cache:
-        key = model_key(cfg["backbone"]["name"], _weights_digest(model.backbone), eval_tf)
-        cache = EmbeddingCache(_cache_root(cfg) / "embeddings" / key)
+        key = model_key(cfg["backbone"]["name"], weights_digest(model.backbone), eval_tf)
+        cache = EmbeddingCache(cache_root(cfg) / "embeddings" / key)
         paths, labels = prepared.subset("all")
         t0 = time.perf_counter()
         features = cache.embed(model.backbone, paths, eval_tf, cfg["data"]["batch_size"], cfg["data"]["num_workers"])
@@ -173,34 +71,6 @@ def _datasets(
 def _uses_cache(cfg: dict[str, Any], model: Classifier) -> bool:
     # A backbone that unfreezes later must see images from the start.
     return bool(cfg["finetune"]["cache_embeddings"]) and is_frozen(model.backbone) and not model.progressive
-
-
-def _trainer(cfg: dict[str, Any], run_dir: Path, callbacks: list, **extra: Any) -> L.Trainer:
-    kwargs = {k: v for k, v in {**cfg["trainer"], **extra}.items() if v is not None}
-    check_kwargs(L.Trainer.__init__, kwargs, "trainer")
-    logger: Any = False
-    if cfg["logger"] == "csv":
-        logger = L.pytorch.loggers.CSVLogger(run_dir, name="logs", version="")
-    elif cfg["logger"] == "tensorboard":
-        logger = L.pytorch.loggers.TensorBoardLogger(run_dir, name="tensorboard", version="")
-    elif cfg["logger"] != "none":
-        raise ConfigError(f"logger={cfg['logger']!r} is not one of csv, tensorboard, none.")
-    kwargs.setdefault("logger", logger)
-    return L.Trainer(default_root_dir=run_dir, callbacks=callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
-
-
-def _write_report(metrics: dict[str, Any], classes: Sequence[str], run_dir: Path, prefixes: Sequence[str]) -> None:
-    (run_dir / "plots").mkdir(exist_ok=True)
-    for prefix in prefixes:
-        if f"{prefix}/confusion_matrix" in metrics:
-            plot_confusion_matrix(metrics[f"{prefix}/confusion_matrix"], classes, run_dir / "plots" / f"confusion_matrix_{prefix}.png", f"{prefix} confusion matrix")
-            plot_per_class(metrics, classes, prefix, run_dir / "plots" / f"per_class_{prefix}.png")
-    plot_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "curves.png")
-    write_json(run_dir / "metrics.json", metrics)
-    for prefix in prefixes:
-        if f"{prefix}/accuracy" in metrics:
-            print(results_table(metrics, classes, prefix))
-    print(f"run directory: {run_dir}")
 
 
 def train(
@@ -225,28 +95,14 @@ def train(
     Returns:
         `{"run_dir": ..., "metrics": {...}, "best_checkpoint": ...}`.
     """
-    config = _as_dict(cfg, overrides)
-    out = _run_dir(run_dir, "train")
+    config = as_config_dict(cfg, overrides)
+    out = make_run_dir(run_dir, "train")
     if not (out / ".hydra" / "config.yaml").is_file():
         (out / ".hydra").mkdir(exist_ok=True)
         OmegaConf.save(OmegaConf.create(config), out / ".hydra" / "config.yaml")
     L.seed_everything(config["seed"], workers=True, verbose=False)
     prepared = prepare_data(config, out)
     return fit(config, prepared, out, callbacks)
-
-
-def train_class_counts(prepared: Prepared) -> list[int]:
-    """Training images per class; a class with none stops the run (nothing could learn it)."""
-    _, labels = prepared.subset("train")
-    counts = [labels.count(c) for c in range(len(prepared.table.classes))]
-    missing = [c for c, n in zip(prepared.table.classes, counts) if n == 0]
-    if missing:
-        raise DataError(
-            f"Class{'es' * (len(missing) > 1)} {', '.join(repr(c) for c in missing)} "
-            f"{'have' if len(missing) > 1 else 'has'} no images in the training split. Fix: add training images of "
-            f"{'them' if len(missing) > 1 else 'it'}, or fix the manifest's split column."
-        )
-    return counts
 
 
 def fit(config: dict[str, Any], prepared: Prepared, out: Path, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
@@ -284,7 +140,7 @@ def fit(config: dict[str, Any], prepared: Prepared, out: Path, callbacks: Sequen
     if stop["enabled"] and has_val:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=stop["patience"], min_delta=stop["min_delta"]))
     callbacks += [safe_instantiate(c, f"callbacks[{i}]") for i, c in enumerate(config["callbacks"])]
-    trainer = _trainer(config, out, callbacks)
+    trainer = build_trainer(config, out, callbacks)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=data, ckpt_path=str(resolve_checkpoint(config["ckpt"])) if config.get("ckpt") else None)
     train_seconds = time.perf_counter() - t0
@@ -303,7 +159,7 @@ def fit(config: dict[str, Any], prepared: Prepared, out: Path, callbacks: Sequen
             # The best weights are loaded by validate/test above; ship them as a small adapter.
             result["adapter"] = str(save_adapter(model, out / "adapter"))
             print(f"LoRA adapter (peft format) + head: {result['adapter']}")
-        _write_report(metrics, prepared.table.classes, out, ("val", "test"))
+        write_run_report(metrics, prepared.table.classes, out, ("val", "test"))
     return result
 
 
@@ -313,7 +169,7 @@ def load_model(ckpt: str | Path) -> Classifier | Ensemble | Any:
     directory the `Ensemble` of its fold models."""
     if is_cv_run(ckpt):
         members = [load_model(d) for d in fold_checkpoints(ckpt)]
-        digests = {_weights_digest(m.backbone) for m in members} if all(is_frozen(m.backbone) for m in members) else set()
+        digests = {weights_digest(m.backbone) for m in members} if all(is_frozen(m.backbone) for m in members) else set()
         return Ensemble(members, shared_backbone=len(digests) == 1).eval()
     if Path(ckpt).is_dir() and (Path(ckpt) / "adapter_config.json").is_file():
         return load_adapter(ckpt)
@@ -337,10 +193,6 @@ def _classifier_only(model: Any, ckpt: str) -> Classifier | Ensemble:
     return model
 
 
-def _overridden(overrides: Sequence[str], section: str) -> list[str]:
-    return [o.split(".", 1)[1] for o in overrides if o.startswith(f"{section}.")]
-
-
 def evaluate(
     cfg: Config | DictConfig | dict[str, Any] | None = None,
     *,
@@ -349,13 +201,13 @@ def evaluate(
 ) -> dict[str, Any]:
     """Recompute metrics.json for `ckpt` on a split (`split=test` by default) of its data, or of the
     data named by `data.*` overrides (e.g. `data.root=/new/images split=all`)."""
-    config = _as_dict(cfg, overrides)
+    config = as_config_dict(cfg, overrides)
     if not config.get("ckpt"):
         raise ConfigError("evaluate needs ckpt=PATH (a .ckpt file or a run directory).")
-    out = _run_dir(run_dir, "evaluate")
+    out = make_run_dir(run_dir, "evaluate")
     model = _classifier_only(load_model(config["ckpt"]), config["ckpt"])
     trained = model.config
-    data_cfg = OmegaConf.merge(OmegaConf.create(trained["data"]), OmegaConf.from_dotlist(_overridden(overrides, "data")))
+    data_cfg = OmegaConf.merge(OmegaConf.create(trained["data"]), OmegaConf.from_dotlist(overridden(overrides, "data")))
     run_cfg = {**trained, "data": OmegaConf.to_container(data_cfg), "cache_dir": config.get("cache_dir"), "trainer": config["trainer"], "logger": "none"}
     prepared = prepare_data(run_cfg, out)
     if prepared.table.classes != model.classes:
@@ -372,7 +224,7 @@ def evaluate(
         raise DataError(f"The {split} split of this data is empty; use split=all to evaluate every image.")
     metrics = _score(run_cfg, model, prepared, split, out)
     metrics["checkpoint"] = str(config["ckpt"])
-    _write_report(metrics, model.classes, out, (split,))
+    write_run_report(metrics, model.classes, out, (split,))
     return {"run_dir": str(out), "metrics": metrics}
 
 
@@ -381,21 +233,9 @@ def _score(run_cfg: dict[str, Any], model: Classifier | Ensemble, prepared: Prep
     use_cache = _uses_cache(run_cfg, model) and (not isinstance(model, Ensemble) or model.shared_backbone)
     datasets = _datasets(run_cfg, model, prepared, ["all" if split == "all" else split], use_cache)
     data = ClassificationData({"test": next(iter(datasets.values()))}, run_cfg["data"]["batch_size"], 0 if use_cache else run_cfg["data"]["num_workers"])
-    trainer = _trainer(run_cfg, out, [], enable_checkpointing=False)
+    trainer = build_trainer(run_cfg, out, [], enable_checkpointing=False)
     trainer.test(model, datamodule=data, verbose=False)
     return {k.replace("test/", f"{split}/", 1): v for k, v in model.eval_results["test"].items()}
-
-
-def _list_images(images: str) -> list[str]:
-    root = Path(images).expanduser()
-    if root.is_file():
-        return [str(root.resolve())]
-    if not root.is_dir():
-        raise DataError(f"images={images}: no such file or folder.")
-    paths = sorted(str(p.resolve()) for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith("."))
-    if not paths:
-        raise DataError(f"images={images}: no image files ({', '.join(IMG_EXTENSIONS)}) found.")
-    return paths
 
 
 def predict(
@@ -407,17 +247,17 @@ def predict(
     """Classify `images` (a folder or a file) with `ckpt`; writes predictions.csv (path, class, p_<class>...)."""
     from vfmtune.backbones import data_config
 
-    config = _as_dict(cfg, overrides)
+    config = as_config_dict(cfg, overrides)
     if not config.get("ckpt") or not config.get("images"):
         raise ConfigError("predict needs ckpt=PATH and images=DIR.")
-    out = _run_dir(run_dir, "predict")
+    out = make_run_dir(run_dir, "predict")
     model = _classifier_only(load_model(config["ckpt"]), config["ckpt"])
-    paths = _list_images(config["images"])
-    ok = _scan(paths, config["data"]["on_bad_image"], config["data"]["num_workers"])
+    paths = list_images(config["images"])
+    ok = scan_or_skip(paths, config["data"]["on_bad_image"], config["data"]["num_workers"])
     paths = [p for p, good in zip(paths, ok) if good]
     _, eval_tf = build_transforms(data_config(model.backbone, model.config["backbone"]["img_size"]), {"enabled": False})
     data = ClassificationData({"predict": ImageDataset(paths, [0] * len(paths), eval_tf)}, config["data"]["batch_size"], config["data"]["num_workers"])
-    trainer = _trainer({**config, "logger": "none"}, out, [], enable_checkpointing=False)
+    trainer = build_trainer({**config, "logger": "none"}, out, [], enable_checkpointing=False)
     probs = torch.cat(trainer.predict(model, datamodule=data))
     path = out / "predictions.csv"
     with open(path, "w", newline="") as f:
@@ -441,8 +281,8 @@ def embed(
         `{"run_dir", "features" [N, D] tensor, "labels" [N], "splits" [N] ("train"/"val"/"test"),
         "paths" [N], "classes"}`: what scikit-learn or imbalanced-learn code needs, in a notebook too.
     """
-    config = _as_dict(cfg, overrides)
-    out = _run_dir(run_dir, "embed")
+    config = as_config_dict(cfg, overrides)
+    out = make_run_dir(run_dir, "embed")
     prepared = prepare_data(config, out)
     model = Classifier({**config, "finetune": {**config["finetune"], "mode": "frozen"}}, prepared.table.classes)
     features = _datasets(config, model, prepared, ["all"], use_cache=True)["all"].tensors[0]
@@ -474,8 +314,8 @@ def cv(
         >>> result = vfmtune.cv(overrides=["folds=5", "loss=weighted_ce"], run_dir="runs/cv5")
         >>> result["metrics"]["test/balanced_accuracy/mean"], result["metrics"]["test/balanced_accuracy/std"]
     """
-    config = _as_dict(cfg, overrides)
-    out = _run_dir(run_dir, "cv")
+    config = as_config_dict(cfg, overrides)
+    out = make_run_dir(run_dir, "cv")
     if not (out / ".hydra" / "config.yaml").is_file():
         (out / ".hydra").mkdir(exist_ok=True)
         OmegaConf.save(OmegaConf.create(config), out / ".hydra" / "config.yaml")
@@ -498,7 +338,7 @@ def cv(
         ensemble = load_model(out)
         scored = _score({**config, "logger": "none"}, ensemble, prepared, "test", out)
         metrics.update({f"ensemble/{k}": v for k, v in scored.items()})
-        _write_report({k.removeprefix("ensemble/"): v for k, v in metrics.items() if k.startswith("ensemble/")}, classes, out, ("test",))
+        write_run_report({k.removeprefix("ensemble/"): v for k, v in metrics.items() if k.startswith("ensemble/")}, classes, out, ("test",))
     write_json(out / "metrics.json", metrics)
     for name in ("balanced_accuracy", "macro_f1", "accuracy"):
         if f"test/{name}/mean" in metrics:
@@ -525,7 +365,7 @@ def export_merged(
         >>> vfmtune.export_merged(overrides=["ckpt=runs/train/lora"])["max_abs_diff"]
         3.1e-07
     """
-    config = _as_dict(cfg, overrides)
+    config = as_config_dict(cfg, overrides)
     if not config.get("ckpt"):
         raise ConfigError("export-merged needs ckpt=PATH (a LoRA run directory, .ckpt file or adapter folder).")
     model = load_model(config["ckpt"])
@@ -534,7 +374,7 @@ def export_merged(
         raise ConfigError(f"ckpt={config['ckpt']} was trained with finetune.mode={trained['finetune']['mode']}, not lora: nothing to merge.")
     merged, diff = merge_lora(model, config["merge_atol"], trained["backbone"]["img_size"] or 224)
     plain = {**trained, "finetune": {**trained["finetune"], "mode": "frozen"}}
-    out = _run_dir(run_dir, "export-merged")
+    out = make_run_dir(run_dir, "export-merged")
     state = {**{f"backbone.{k}": v for k, v in merged.state_dict().items()}, **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
     target = out / "merged.ckpt"
     atomic_torch_save({"state_dict": state, "hyper_parameters": {"config": plain, "classes": model.classes, "merged_from": str(config["ckpt"])}}, target)

@@ -1,27 +1,32 @@
-"""`vfmtune <command> [hydra overrides]`: a thin Hydra front door to `vfmtune.api`."""
+"""`vfmtune <command> [hydra overrides]`: a thin Hydra front door to `vfmtune.api` and friends."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from vfmtune import api, distill_api, exporter
 from vfmtune.config import ConfigError, config_dirs, register_configs
-from vfmtune.weights import WeightsError
 
-COMMANDS: dict[str, Callable] = {
-    "train": api.train,
-    "evaluate": api.evaluate,
-    "predict": api.predict,
-    "embed": api.embed,
-    "cv": api.cv,
-    "export-merged": api.export_merged,
-    "distill": distill_api.distill,
-    "pseudo-label": distill_api.pseudo_label,
-    "export": exporter.export,
+# command -> "module:function"; imported on use, so `vfmtune --help` answers without loading torch.
+COMMANDS: dict[str, str] = {
+    "train": "vfmtune.api:train",
+    "evaluate": "vfmtune.api:evaluate",
+    "predict": "vfmtune.api:predict",
+    "embed": "vfmtune.api:embed",
+    "cv": "vfmtune.api:cv",
+    "export-merged": "vfmtune.api:export_merged",
+    "distill": "vfmtune.distill_api:distill",
+    "pseudo-label": "vfmtune.distill_api:pseudo_label",
+    "export": "vfmtune.exporter:export",
 }
+
+
+def command_function(command: str) -> Callable:
+    module, name = COMMANDS[command].split(":")
+    return getattr(importlib.import_module(module), name)
 
 USAGE = """usage: vfmtune <command> [key=value ...] [hydra options]
 
@@ -40,9 +45,13 @@ commands:
 `hydra.run.dir=DIR` sets the run directory; `recipes=<name>` applies a recipe from recipes/.
 """
 
-# Errors a user can fix from the command line: printed as one message, no traceback.
-# (DataError and ConfigError are ValueErrors.)
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, WeightsError)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can fix from the command line: printed as one message, no traceback.
+    (DataError and ConfigError are ValueErrors.)"""
+    from vfmtune.weights import WeightsError
+
+    return (ValueError, FileNotFoundError, WeightsError)
 
 
 def _config_groups() -> set[str]:
@@ -65,7 +74,9 @@ def check_overrides(overrides: Sequence[str]) -> None:
         if o.key_or_group in groups and not o.is_add() and not o.is_delete():
             value = o.value()
             choices.append(f"{o.key_or_group}={value[0] if isinstance(value, list) else o.get_value_element_as_str()}")
-    cfg: DictConfig = api.load_config(*choices)
+    from vfmtune.runner import load_config
+
+    cfg: DictConfig = load_config(*choices)
     for o in parsed:
         if o.is_add() or o.is_delete() or o.key_or_group in groups:
             continue
@@ -114,7 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     register_configs()
     flags, overrides = _split_args(rest)
     if command == "distill":
-        overrides = distill_api.with_student_defaults(overrides)
+        from vfmtune.distill_api import with_student_defaults
+
+        overrides = with_student_defaults(overrides)
     try:
         check_overrides(overrides)
     except Exception as e:  # noqa: BLE001 - a composition error is the user's to fix; show it plainly
@@ -133,9 +146,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         hc = HydraConfig.get()
         # What the DDP launcher re-executes (it appends hydra.run.dir / job.name for the other ranks).
         sys.argv = [real_argv[0], command, *rest]
+        function, errors = command_function(command), user_errors()
         try:
-            COMMANDS[command](cfg, overrides=list(hc.overrides.task), run_dir=hc.runtime.output_dir)
-        except USER_ERRORS as e:
+            function(cfg, overrides=list(hc.overrides.task), run_dir=hc.runtime.output_dir)
+        except errors as e:
             print(f"\nvfmtune {command}: {type(e).__name__}: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 

@@ -20,9 +20,9 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from vfmtune.api import (
-    SPLITS, _as_dict, _cache_root, _list_images, _overridden, _run_dir, _scan, _trainer, _weights_digest,
-    _write_report, load_config, prepare_data,
+from vfmtune.data.prepare import cache_root, list_images, prepare_data, scan_or_skip
+from vfmtune.runner import (
+    as_config_dict, build_trainer, load_config, make_run_dir, overridden, weights_digest, write_run_report,
 )
 from vfmtune.backbones import data_config
 from vfmtune.checkpoint import load_checkpoint
@@ -85,8 +85,8 @@ def _unlabelled_paths(source: str, held_out: Sequence[str], on_bad: str, workers
         with open(src, newline="", encoding="utf-8-sig") as f:
             paths = [str((src.parent / row["path"]).resolve()) for row in csv.DictReader(f)]
     else:
-        paths = _list_images(source)
-    ok = _scan(paths, on_bad, workers)
+        paths = list_images(source)
+    ok = scan_or_skip(paths, on_bad, workers)
     paths = [p for p, good in zip(paths, ok) if good]
     held = {file_digest(p): p for p in held_out}
     leaked = [p for p in paths if file_digest(p) in held]
@@ -99,7 +99,7 @@ def _unlabelled_paths(source: str, held_out: Sequence[str], on_bad: str, workers
 
 def _student_config(config: dict[str, Any], teacher: Classifier, overrides: Sequence[str]) -> dict[str, Any]:
     """The run config: data defaults to the teacher's (same split, so test figures compare), data.* overrides apply."""
-    given = _overridden(overrides, "data")
+    given = overridden(overrides, "data")
     base = dict(teacher.config["data"])
     if any(o.split("=", 1)[0] in ("root", "manifest", "dataset") for o in given):
         base.update(root=None, manifest=None, dataset=None)  # a new source replaces the teacher's, not adds to it
@@ -124,9 +124,9 @@ def distill(
     """
     if cfg is None:
         cfg = load_config(*with_student_defaults(overrides))
-    config = _as_dict(cfg, ())
+    config = as_config_dict(cfg, ())
     resolve_student(config["student"])  # bad names fail before anything loads
-    out = _run_dir(run_dir, "distill")
+    out = make_run_dir(run_dir, "distill")
     teacher = load_teacher(config["teacher"])
     config = _student_config(config, teacher, overrides)
     config["distill"] = {**config["distill"], "weights": student_weights_source(config["student"], config["distill"]["weights"])}
@@ -155,7 +155,7 @@ def distill(
         # (same key as `vfmtune train` for this backbone; logits are the head applied to it, microseconds).
         t_cfg = teacher.config["backbone"]
         _, t_eval = build_transforms(data_config(teacher.backbone, t_cfg["img_size"]), {"enabled": False})
-        cache = EmbeddingCache(_cache_root(config) / "embeddings" / model_key(t_cfg["name"], _weights_digest(teacher.backbone), t_eval))
+        cache = EmbeddingCache(cache_root(config) / "embeddings" / model_key(t_cfg["name"], weights_digest(teacher.backbone), t_eval))
         t0 = time.perf_counter()
         emb = cache.embed(teacher.backbone, train_paths, t_eval, d["batch_size"], d["num_workers"])
         print(f"teacher outputs ready in {time.perf_counter() - t0:.1f}s ({cache.folder})")
@@ -171,7 +171,7 @@ def distill(
     stop = config["early_stopping"]
     if stop["enabled"]:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=stop["patience"], min_delta=stop["min_delta"]))
-    trainer = _trainer(config, out, callbacks)
+    trainer = build_trainer(config, out, callbacks)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=data)
     train_seconds = time.perf_counter() - t0
@@ -184,7 +184,7 @@ def distill(
     metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2),
                     "teacher": str(config["teacher"]), "student": config["student"],
                     "student_params": sum(p.numel() for p in model.student.parameters())})
-    _write_report(metrics, prepared.table.classes, out, ("val", "test"))
+    write_run_report(metrics, prepared.table.classes, out, ("val", "test"))
     return {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
 
 
@@ -202,16 +202,16 @@ def pseudo_label(
     Example:
         >>> vfmtune.pseudo_label(overrides=["teacher=runs/teacher", "images=/data/new", "pseudo_label.threshold=0.9"])
     """
-    config = _as_dict(cfg, overrides)
+    config = as_config_dict(cfg, overrides)
     if not config.get("images"):
         raise ConfigError("pseudo-label needs images=DIR (a folder of images, searched recursively).")
     teacher = load_teacher(config["teacher"])
     threshold = float(config["pseudo_label"]["threshold"])
     if not 0.0 <= threshold < 1.0:
         raise ConfigError(f"pseudo_label.threshold={threshold} must lie in [0, 1).")
-    out = _run_dir(run_dir, "pseudo-label")
-    paths = _list_images(config["images"])
-    ok = _scan(paths, config["data"]["on_bad_image"], config["data"]["num_workers"])
+    out = make_run_dir(run_dir, "pseudo-label")
+    paths = list_images(config["images"])
+    ok = scan_or_skip(paths, config["data"]["on_bad_image"], config["data"]["num_workers"])
     paths = [p for p, good in zip(paths, ok) if good]
     _, eval_tf = build_transforms(data_config(teacher.backbone, teacher.config["backbone"]["img_size"]), {"enabled": False})
     probs = []

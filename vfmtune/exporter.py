@@ -25,7 +25,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from vfmtune.api import _as_dict, _run_dir, load_model, prepare_data
+from vfmtune.api import load_model
+from vfmtune.data.prepare import prepare_data
+from vfmtune.runner import as_config_dict, make_run_dir
 from vfmtune.backbones import data_config
 from vfmtune.config import Config, ConfigError
 from vfmtune.data.images import load_image
@@ -206,7 +208,7 @@ def export(
     Raises:
         ExportError: an op ONNX cannot express, or a mismatch beyond `export.atol` / the INT8 gates.
     """
-    config = _as_dict(cfg, overrides)
+    config = as_config_dict(cfg, overrides)
     fmt, quant, ex = config["format"], config.get("quantize"), config["export"]
     if not config.get("ckpt"):
         raise ConfigError("export needs ckpt=PATH (a checkpoint file or run directory).")
@@ -214,7 +216,7 @@ def export(
         raise ConfigError(f"format={fmt!r} is not one of {', '.join(FORMATS)}.")
     if quant not in (None, "int8") or (quant and fmt != "onnx"):
         raise ConfigError(f"quantize={quant!r}: only quantize=int8 with format=onnx is supported.")
-    out = _run_dir(run_dir, "export")
+    out = make_run_dir(run_dir, "export")
     bundle = Path(ex["output"] or out / "bundle")
     bundle.mkdir(parents=True, exist_ok=True)
     model = load_model(config["ckpt"])

