@@ -23,7 +23,7 @@ from vfmtune.runner import build_trainer, load_config
 from vfmtune.config import to_container
 from vfmtune.tasks.classifier import Classifier
 
-BATCH, STEPS, WARMUP, ROUNDS = 16, 16, 3, 5
+BATCH, STEPS, WARMUP, ROUNDS = 16, 16, 3, 9
 CONFIG = to_container(
     load_config("backbone.weights=none", "backbone.img_size=112", "finetune=full", "sched=none", "optim.lr=1e-4",
                 "head.feature_norm=false", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu")
