@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from timm.optim import create_optimizer_v2
@@ -18,7 +17,7 @@ from vfmtune.adapt.layer_decay import backbone_param_groups
 from vfmtune.backbones import create_backbone
 from vfmtune.config import ConfigError
 from vfmtune.losses import build_loss
-from vfmtune.metrics import classification_metrics, flatten
+from vfmtune.tasks.base import ClassificationTask
 
 SCHEDULERS = ("cosine", "step", "onecycle", "none")
 
@@ -38,7 +37,7 @@ def build_head(in_features: int, num_classes: int, cfg: dict[str, Any]) -> nn.Se
     return nn.Sequential(*layers)
 
 
-class Classifier(L.LightningModule):
+class Classifier(ClassificationTask):
     """Backbone + head, trained with the run's optimiser, schedule and loss.
 
     Args:
@@ -88,9 +87,7 @@ class Classifier(L.LightningModule):
         self.loss_fn = build_loss(config["loss"], counts or [1] * len(self.classes))
         # True when batches hold cached backbone embeddings [B, D] instead of images [B, 3, H, W].
         self.embeddings_input = False
-        self.val_metrics = classification_metrics(len(self.classes))
-        self.test_metrics = classification_metrics(len(self.classes))
-        self.eval_results: dict[str, dict[str, Any]] = {}  # last computed metrics per prefix
+        self.init_metrics(self.classes)
 
     @override
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -118,37 +115,11 @@ class Classifier(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
+    @override
+    def eval_outputs(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self.logits(x)
-        self.log(f"{prefix}/loss", self.loss_fn(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
-        (self.val_metrics if prefix == "val" else self.test_metrics).update(logits.argmax(-1), y)
-
-    def _eval_epoch_end(self, prefix: str) -> None:
-        metrics = self.val_metrics if prefix == "val" else self.test_metrics
-        flat = flatten(metrics.compute(), prefix, self.classes)
-        metrics.reset()
-        # Values are already reduced across processes by torchmetrics, hence no sync_dist here.
-        for key, value in flat.items():
-            if not isinstance(value, list):
-                self.log(key, value, prog_bar=key == f"{prefix}/macro_f1")
-        self.eval_results[prefix] = flat
-
-    @override
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    @override
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    @override
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        return logits, y, self.loss_fn(logits, y)
 
     @override
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

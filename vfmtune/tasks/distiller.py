@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
@@ -25,7 +24,7 @@ from typing_extensions import override
 
 from vfmtune.backbones import create_backbone, data_config
 from vfmtune.config import ConfigError
-from vfmtune.metrics import classification_metrics, flatten
+from vfmtune.tasks.base import ClassificationTask
 from vfmtune.tasks.classifier import Classifier, cosine_with_warmup
 
 # Student aliases -> timm names. Any other timm model works as "timm/<name>".
@@ -84,7 +83,7 @@ def pre_logits_dim(model: nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
-class Distiller(L.LightningModule):
+class Distiller(ClassificationTask):
     """A timm student trained from a frozen vfmtune `Classifier` teacher.
 
     Args:
@@ -139,9 +138,7 @@ class Distiller(L.LightningModule):
                 teacher.backbone = teacher.backbone.merge_and_unload()
         # Not a registered submodule: the teacher stays out of the student's checkpoint and optimiser.
         self.__dict__["teacher"] = teacher
-        self.val_metrics = classification_metrics(len(self.classes))
-        self.test_metrics = classification_metrics(len(self.classes))
-        self.eval_results: dict[str, dict[str, Any]] = {}
+        self.init_metrics(self.classes)
 
     @property
     def needs_teacher(self) -> bool:
@@ -209,35 +206,10 @@ class Distiller(L.LightningModule):
             self.log(f"train/{name}", value, on_step=name == "loss", on_epoch=True, prog_bar=name == "loss", batch_size=len(labels))
         return terms["loss"]
 
-    def _eval_step(self, batch: Sequence[torch.Tensor], prefix: str) -> None:
+    @override
+    def eval_outputs(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, _ = self._student(batch[0])
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, batch[1]), on_epoch=True, batch_size=len(batch[1]))
-        (self.val_metrics if prefix == "val" else self.test_metrics).update(logits.argmax(-1), batch[1])
-
-    def _eval_epoch_end(self, prefix: str) -> None:
-        metrics = self.val_metrics if prefix == "val" else self.test_metrics
-        flat = flatten(metrics.compute(), prefix, self.classes)
-        metrics.reset()
-        for key, value in flat.items():
-            if not isinstance(value, list):
-                self.log(key, value, prog_bar=key == f"{prefix}/macro_f1")
-        self.eval_results[prefix] = flat
-
-    @override
-    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    @override
-    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    @override
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        return logits, batch[1], F.cross_entropy(logits, batch[1])
 
     @override
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
