@@ -31,8 +31,8 @@ from common import textile_subset_manifest, write_results  # noqa: E402
 import os  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"  # pipeline check only: tiny subset, 1 epoch, results not written
-EPOCHS = 1 if QUICK else 8
-STUDENT_PX = 112
+EPOCHS = 1 if QUICK else 20
+STUDENT_PX = 160
 COMMON = ["trainer.enable_progress_bar=false", "data.num_workers=2", "seed=0"]
 STUDENT_BATCH = 16  # more optimiser steps from 336 images
 STUDENTS = {  # name -> (alias, extra overrides)
