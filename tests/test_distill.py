@@ -121,9 +121,9 @@ def test_bad_input__clear_errors(distill_runs: dict[str, Path], tmp_path: Path, 
         distill(overrides=args, run_dir=tmp_path / "run")
 
 
-def test_cli_unknown_student__exits_2_listing_students(distill_runs: dict[str, Path], capsys) -> None:
+def test_cli_unknown_student__exits_2_listing_students(distill_runs: dict[str, Path], tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["distill", *TINY, f"teacher={distill_runs['teacher']}", "student=nope"])
+        main(["distill", *TINY, f"teacher={distill_runs['teacher']}", "student=nope", f"hydra.run.dir={tmp_path}"])
     assert exit_info.value.code == 2 and "efficientnet_lite0" in capsys.readouterr().err
 
 
