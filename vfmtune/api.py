@@ -30,10 +30,10 @@ from vfmtune.data.images import DataError
 from vfmtune.data.prepare import SPLITS, Prepared, cache_root, list_images, prepare_data, scan_or_skip, train_class_counts
 from vfmtune.data.splits import save_splits
 from vfmtune.data.transforms import build_transforms
-from vfmtune.embed import EmbeddingCache, model_key
+from vfmtune.embed import EmbeddingCache, model_key, weights_digest
 from vfmtune.report import write_json
 from vfmtune.rng import RNGState
-from vfmtune.runner import as_config_dict, build_trainer, load_config, make_run_dir, overridden, weights_digest, write_run_report
+from vfmtune.runner import as_config_dict, build_trainer, load_config, make_run_dir, overridden, write_run_report
 from vfmtune.sampling import build_sampler, check_imbalance_options, resample_embeddings
 from vfmtune.tasks.classifier import Classifier
 

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from vfmtune.data.prepare import cache_root, list_images, prepare_data, scan_or_skip
 from vfmtune.runner import (
-    as_config_dict, build_trainer, load_config, make_run_dir, overridden, weights_digest, write_run_report,
+    as_config_dict, build_trainer, load_config, make_run_dir, overridden, write_run_report,
 )
 from vfmtune.backbones import data_config
 from vfmtune.checkpoint import load_checkpoint
@@ -30,7 +30,7 @@ from vfmtune.config import Config, ConfigError
 from vfmtune.data.datamodule import ClassificationData, ImageDataset
 from vfmtune.data.images import DataError, load_image
 from vfmtune.data.transforms import build_transforms
-from vfmtune.embed import EmbeddingCache, file_digest, model_key
+from vfmtune.embed import EmbeddingCache, file_digest, model_key, weights_digest
 from vfmtune.tasks.classifier import Classifier
 from vfmtune.tasks.distiller import UNLABELED, Distiller, resolve_student, student_weights_source
 

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,6 +31,17 @@ CACHE_VERSION = 1
 def file_digest(path: str) -> bytes:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").digest()
+
+
+def weights_digest(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """Identity of the actual tensors (a module's state dict, or named tensors): a cache keyed by it
+    can never serve features of other weights."""
+    tensors = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    h = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
 
 
 def model_key(backbone_name: str, weights_id: str, transform: Callable, extra: dict | None = None) -> str:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
-import torch
 from omegaconf import DictConfig
 
 from vfmtune.checkpoint import AtomicCheckpointIO
@@ -42,15 +40,6 @@ def make_run_dir(run_dir: Optional[str | Path], command: str) -> Path:
     path = Path(run_dir) if run_dir else Path("runs") / command / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """Identity of the actual tensors: a cache can never serve features of other weights."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:20]
 
 
 def build_trainer(cfg: dict[str, Any], run_dir: Path, callbacks: list, **extra: Any) -> L.Trainer:

@@ -8,7 +8,6 @@ adapter is never silently applied to another backbone). LoRA: https://arxiv.org/
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vfmtune.config import ConfigError
+from vfmtune.embed import weights_digest
 
 # timm's ViT, DINOv2, EVA and SAM encoders all name their layers blocks.N.attn.{qkv,proj} and
 # blocks.N.mlp.{fc1,fc2} (SAM's lin1/lin2 are renamed on load), so one table serves the families.
@@ -70,15 +70,13 @@ def apply_lora(backbone: nn.Module, ft: dict[str, Any]) -> PeftModel:
 
 
 def base_weights_digest(backbone: nn.Module) -> str:
-    """Identity of the frozen base weights under the adapters (LoRA/DoRA tensors excluded)."""
-    h = hashlib.sha256()
-    for name, t in sorted(backbone.state_dict().items()):
-        if "lora_" in name:
-            continue
-        name = name.replace("base_model.model.", "").replace(".base_layer", "")
-        h.update(name.encode())
-        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:20]
+    """Identity of the frozen base weights under the adapters (LoRA/DoRA tensors excluded), under
+    their plain timm names so that it equals the digest of the same backbone before peft wrapped it."""
+    return weights_digest({
+        name.replace("base_model.model.", "").replace(".base_layer", ""): t
+        for name, t in backbone.state_dict().items()
+        if "lora_" not in name
+    })
 
 
 def save_adapter(model: Any, folder: str | Path) -> Path:
