@@ -14,7 +14,7 @@ import torch
 
 from vfmtune.api import load_model
 from vfmtune.cli import main
-from vfmtune.exporter import ExportError, export, export_onnx, fold_feature_norm
+from vfmtune.exporter import ExportError, conv_dominated, export, export_onnx, fold_feature_norm, paired_latency_ms
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +50,25 @@ def test_export__int8_reports_accuracy_drop_and_latency(bundles: dict[str, Path]
         assert key in m
 
 
-def test_export__int8_gate_refuses_unsafe_model(distill_runs: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match="fails its gate"):
-        export(overrides=[f"ckpt={distill_runs['student']}", "quantize=int8", "export.min_top1_agreement=1.01"], run_dir=tmp_path)
+@pytest.mark.parametrize(("which", "tried"), [("teacher", ["static", "dynamic"]), ("student", ["static"])])
+def test_export__int8_gate_refuses_unsafe_model(distill_runs: dict[str, Path], tmp_path: Path, which: str, tried: list[str]) -> None:
+    """Static first; the dynamic fallback only for a transformer (a CNN's ConvInteger is slower than its fp32)."""
+    with pytest.raises(ExportError, match=f"fails its gate.*tried: {', '.join(tried)}\\."):
+        export(overrides=[f"ckpt={distill_runs[which]}", "quantize=int8", "export.min_top1_agreement=1.01"], run_dir=tmp_path)
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert "int8_static_top1_agreement" in m and "int8_dynamic_top1_agreement" in m  # static tried, then the fallback
+    assert [mode for mode in ("static", "dynamic") if f"int8_{mode}_top1_agreement" in m] == tried
+    assert m["int8_latency_ms_b32"] > 0 and m["latency_ms_b32"] > 0  # figures are reported even for a refused model
+
+
+@pytest.mark.parametrize(("which", "expected"), [("teacher", False), ("student", True)])
+def test_conv_dominated__cnn_not_vit(bundles: dict[str, Path], which: str, expected: bool) -> None:
+    assert conv_dominated(bundles[which] / "model.onnx") is expected
+
+
+def test_paired_latency__each_model_timed_in_turn() -> None:
+    calls: list[str] = []
+    t = paired_latency_ms({"a": lambda x: calls.append("a"), "b": lambda x: calls.append("b")}, size=4, batch=2, repeats=3)
+    assert set(t) == {"a", "b"} and calls == ["a", "b"] * 4  # one warm-up each, then alternating rounds
 
 
 def test_export__torchscript_verified(distill_runs: dict[str, Path], tmp_path: Path) -> None:

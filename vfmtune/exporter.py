@@ -104,7 +104,11 @@ def export_onnx(module: nn.Module, path: Path, size: int, opset: int) -> None:
 def _session(path: Path):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    # No busy-waiting between ops: with two sessions timed in turn on few cores, one session's spinning
+    # threads would steal the cores of the other and skew the comparison.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _run(session, x: np.ndarray) -> np.ndarray:
@@ -113,14 +117,26 @@ def _run(session, x: np.ndarray) -> np.ndarray:
 
 def latency_ms(fn: Callable[[np.ndarray], Any], size: int, batch: int, repeats: int) -> float:
     """Median wall time of `fn` on a random batch, after one warm-up run."""
+    return paired_latency_ms({"model": fn}, size, batch, repeats)["model"]
+
+
+def paired_latency_ms(fns: dict[str, Callable[[np.ndarray], Any]], size: int, batch: int, repeats: int) -> dict[str, float]:
+    """Median wall time of each `fn` on the same random batch, timed in alternation (one warm-up run each).
+
+    Alternating rounds expose every model to the same background load, so a speed-up measured on a
+    shared CPU compares like with like (timing fp32 first and INT8 minutes later once gave 0.6x-1.8x
+    for one and the same INT8 model).
+    """
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
-    fn(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
         fn(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    return round(statistics.median(times), 2)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: round(statistics.median(t), 2) for name, t in times.items()}
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -155,9 +171,18 @@ class _Calibration:
         return next(self.feeds, None)
 
 
-def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray], mode: str = "static") -> str:
+def conv_dominated(path: Path) -> bool:
+    """Whether the ONNX graph has more Conv than MatMul/Gemm nodes (a CNN, not a transformer)."""
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    return ops.count("Conv") > ops.count("MatMul") + ops.count("Gemm")
+
+
+def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray], mode: str = "static",
+                  allow_dynamic_fallback: bool = True) -> str:
     """Static QDQ INT8 (per-channel weights, calibrated activations), or dynamic INT8 (weights only, activation
-    ranges per batch) when asked or when static fails. Returns the mode used."""
+    ranges per batch) when asked, or when static fails and `allow_dynamic_fallback`. Returns the mode used."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -176,6 +201,8 @@ def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray], mode: str
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         return "static"
     except Exception as e:  # noqa: BLE001 - fall back, and say why
+        if not allow_dynamic_fallback:
+            raise ExportError(f"static INT8 quantization failed ({type(e).__name__}: {e}). Fix: deploy the fp32 model.") from e
         print(f"static INT8 quantization failed ({type(e).__name__}: {e}); using dynamic quantization")
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
         return "dynamic"
@@ -250,8 +277,6 @@ def export(
                              "preprocessing": policy})
         session = _session(path)
         got = np.concatenate([_run(session, x) for x in xs])
-        metrics["latency_ms_b1"] = latency_ms(lambda x: _run(session, x), size, 1, repeats)
-        metrics["latency_ms_b32"] = latency_ms(lambda x: _run(session, x), size, 32, repeats)
     check = _compare(ref[:n], got[:n])
     metrics.update({"max_abs_diff": check["max_abs_diff"], "max_abs_diff_probs": check["max_abs_diff_probs"], "top1_agreement": check["top1_agreement"], f"{split}_accuracy": _accuracy(got, test_labels),
                     f"{split}_macro_f1": _macro_f1(got, test_labels, len(model.classes))})
@@ -264,12 +289,19 @@ def export(
                           f"export.atol={ex['atol']:.0e} on real images: do not deploy it. Fix: report the model; try another "
                           "export.opset or format.")
     model_file = path.name
+    if fmt == "onnx" and quant != "int8":
+        for b in (1, 32):
+            metrics[f"latency_ms_b{b}"] = latency_ms(lambda x: _run(session, x), size, b, repeats)
     if quant == "int8":
         train_paths = prepared.subset("train")[0][: ex["calibration_images"]]
         q_path = bundle / "model.int8.onnx"
         calibration = list(_batches(train_paths, eval_tf))
-        for attempt in ("static", "dynamic"):  # dynamic is the fallback when static fails or misses the gate
-            mode = quantize_int8(path, q_path, calibration, attempt)
+        # Dynamic INT8 is the fallback when static fails or misses the gate, for transformer-like graphs only:
+        # it turns a Conv into ConvInteger, which onnxruntime's CPU kernels run several times slower than fp32
+        # (9x for EfficientNet-Lite0 in bench/distill.py run 1) and which collapsed that model to chance.
+        attempts = ("static",) if conv_dominated(path) else ("static", "dynamic")
+        for attempt in attempts:
+            mode = quantize_int8(path, q_path, calibration, attempt, allow_dynamic_fallback=len(attempts) > 1)
             q_session = _session(q_path)
             q = np.concatenate([_run(q_session, x) for x in xs])
             q_check = _compare(got, q)
@@ -280,13 +312,16 @@ def export(
             metrics[f"int8_{mode}_top1_agreement"], metrics[f"int8_{mode}_accuracy_drop"] = q_check["top1_agreement"], round(drop, 4)
             if passed or mode == "dynamic":
                 break
+        if not passed and len(attempts) == 1:
+            print("no dynamic INT8 fallback for this convolutional model (ConvInteger is slower than fp32 on CPU)")
         _add_metadata(q_path, {"class_names": model.classes, "input_size": [3, size, size], "mean": policy["mean"], "std": policy["std"],
                                "preprocessing": policy})
         metrics.update({"int8_mode": mode, "int8_max_abs_diff": q_check["max_abs_diff"], "int8_top1_agreement": q_check["top1_agreement"],
                         f"int8_{split}_accuracy": _accuracy(q, test_labels), "int8_accuracy_drop": round(drop, 4),
-                        f"int8_{split}_macro_f1": _macro_f1(q, test_labels, len(model.classes)),
-                        "int8_latency_ms_b1": latency_ms(lambda x: _run(q_session, x), size, 1, repeats),
-                        "int8_latency_ms_b32": latency_ms(lambda x: _run(q_session, x), size, 32, repeats)})
+                        f"int8_{split}_macro_f1": _macro_f1(q, test_labels, len(model.classes))})
+        for b in (1, 32):  # fp32 and INT8 timed in alternation: the speed-up compares like with like
+            t = paired_latency_ms({"fp32": lambda x: _run(session, x), "int8": lambda x: _run(q_session, x)}, size, b, repeats)
+            metrics[f"latency_ms_b{b}"], metrics[f"int8_latency_ms_b{b}"] = t["fp32"], t["int8"]
         metrics["int8_speedup_b32"] = round(metrics["latency_ms_b32"] / metrics["int8_latency_ms_b32"], 2)
         metrics["int8_gate_passed"] = passed
         print(f"int8 ({mode}) b32 speed-up x{metrics['int8_speedup_b32']}")
@@ -294,7 +329,7 @@ def export(
             write_json(out / "metrics.json", metrics)
             raise ExportError(f"INT8 model fails its gate: top-1 agreement {q_check['top1_agreement']:.3f} (need >= "
                               f"{ex['min_top1_agreement']}), {split} accuracy drop {drop:.4f} (allowed {ex['max_accuracy_drop']}), "
-                              f"static and dynamic. The fp32 model in {bundle} is verified. Fix: deploy fp32, or loosen "
+                              f"tried: {', '.join(attempts)}. The fp32 model in {bundle} is verified. Fix: deploy fp32, or loosen "
                               f"export.min_top1_agreement / export.max_accuracy_drop knowingly. Figures: {out / 'metrics.json'}")
         model_file = q_path.name
     run_metrics = _source_metrics(config["ckpt"])
