@@ -1,22 +1,29 @@
-"""Distillation benchmark: DINOv2-S teacher -> EfficientNet-Lite0 / MobileNetV3 students, CE-only vs KD,
-each exported to ONNX fp32 and INT8 and timed with onnxruntime on this CPU.
+"""Distillation benchmark: DINOv2-S teacher -> EfficientNet-Lite0 / MobileNetV3 students, CE-only vs KD vs KD
+with teacher-labelled unlabelled images, each exported to ONNX fp32 and INT8 and timed with onnxruntime on this CPU.
 
 Run (serialised with the other benchmarks): flock /tmp/vfmtune-bench.lock python bench/distill.py
 
-Budget-driven setup (2 shared CPU cores, < 15 minutes):
+Budget-driven setup (2 shared CPU cores, < 25 minutes):
 - data: a seeded stratified textile subset of 480 images (nominal 240, local 120, global 120), split
   70/10/20 (336/48/96) by the teacher recipe; the students use the teacher's split.
+- unlabelled: the other 1520 textile images (none of them is in the subset, so none is a val/test image),
+  passed as `data.unlabeled=CSV` to the "kd_unlabeled" runs: the teacher's soft targets are their only
+  label. CE-only cannot use them; that is the comparison distillation is for.
 - teacher: packaged DINOv2 ViT-S/14, frozen, BN + linear head on cached 224 px embeddings
   (recipes/dinov2_vits14_frozen_textile.yaml), exported and timed at 224 px.
-- students: 112 px, no augmentation (so the teacher's outputs come from the embedding cache and
-  KD costs no extra teacher forwards), 8 epochs, AdamW lr 1e-3 (2e-3 for the random-init one),
-  batch 16, seed 0; CE-only is kd.alpha=0, KD is kd.alpha=0.7, T=4.
+- students: 160 px, no augmentation (so the teacher's outputs, for the unlabelled images too, come from the
+  224 px embedding cache and KD costs no teacher forwards), EPOCHS epochs for every run, AdamW lr 1e-3
+  (2e-3 for the random-init one), batch 16, seed 0; CE-only is kd.alpha=0, KD is KD_ALPHA / KD_T.
   EfficientNet-Lite0 starts from ImageNet (packaged offline), MobileNetV3-Small from random init.
-- latency: onnxruntime CPUExecutionProvider, median of 5 runs at batch 1 and 32, same process.
+- export: `vfmtune export quantize=int8` defaults (static QDQ INT8; dynamic fallback only for transformers).
+- latency: onnxruntime CPUExecutionProvider, median of 5 runs at batch 1 and 32, fp32 and INT8 timed in
+  alternation in the same process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import sys
 import tempfile
@@ -31,15 +38,18 @@ from common import textile_subset_manifest, write_results  # noqa: E402
 import os  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"  # pipeline check only: tiny subset, 1 epoch, results not written
-EPOCHS = 1 if QUICK else 20
+EPOCHS = 1 if QUICK else 10
 STUDENT_PX = 160
+KD_ALPHA, KD_T = 0.7, 4.0
 COMMON = ["trainer.enable_progress_bar=false", "data.num_workers=2", "seed=0"]
 STUDENT_BATCH = 16  # more optimiser steps from 336 images
+SUBSET = {"nominal": 240, "local": 120, "global": 120}
 STUDENTS = {  # name -> (alias, extra overrides)
     "effnet_lite0": ("efficientnet_lite0", ["distill.weights=packaged", "optim.lr=1e-3"]),
     "mnv3_small": ("mobilenetv3_small_100", ["distill.weights=none", "optim.lr=2e-3"]),
 }
-LOSSES = {"ce": ["kd.alpha=0"], "kd": ["kd.alpha=0.7", "kd.temperature=4"]}
+KD = [f"kd.alpha={KD_ALPHA}", f"kd.temperature={KD_T}"]
+LOSSES = {"ce": ["kd.alpha=0"], "kd": KD, "kd_unlabeled": [*KD, "data.unlabeled={unlabeled}"]}
 # Default INT8 gates (top-1 agreement >= 0.95, accuracy drop <= 2 points): static first, dynamic as fallback.
 EXPORT = ["quantize=int8", "export.verify_images=0",
           "export.calibration_images=64", f"export.latency_repeats={1 if QUICK else 5}"]
@@ -77,14 +87,38 @@ def _export(ckpt: str, run_dir: str) -> dict:
         return json.loads((Path(run_dir) / "metrics.json").read_text())
 
 
+def unlabelled_manifest(path: Path, subset: Path) -> Path:
+    """A CSV (`path` column) of the textile images that are not in `subset`: teacher-labelled training data."""
+    from vfmtune.data.sources import from_imagefolder, packaged_dataset
+
+    with open(subset, newline="") as f:
+        used = {row["path"] for row in csv.DictReader(f)}
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path"])
+        writer.writerows([p] for p in from_imagefolder(packaged_dataset("textile")).paths if p not in used)
+    return path
+
+
+@contextlib.contextmanager
+def _folder(path: str):
+    Path(path).mkdir(parents=True, exist_ok=True)
+    yield path
+
+
 def main() -> None:
     t_start = time.perf_counter()
     figures: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        manifest = textile_subset_manifest(Path(tmp) / "subset.csv", {"nominal": 240, "local": 120, "global": 120} if not QUICK else {"nominal": 20, "local": 10, "global": 10})
+    keep = os.environ.get("BENCH_KEEP")  # a folder to keep the runs and bundles in (e.g. for INT8 experiments)
+    with (tempfile.TemporaryDirectory() if not keep else _folder(keep)) as tmp:
+        manifest = textile_subset_manifest(Path(tmp) / "subset.csv", SUBSET if not QUICK else {"nominal": 20, "local": 10, "global": 10})
+        unlabeled = unlabelled_manifest(Path(tmp) / "unlabeled.csv", manifest)
+        if QUICK:  # 60 unlabelled images are enough to check the pipeline
+            unlabeled.write_text("\n".join(unlabeled.read_text().splitlines()[:61]) + "\n")
         teacher = vfmtune.train(overrides=["recipes=dinov2_vits14_frozen_textile", f"data.manifest={manifest}", *COMMON],
                                 run_dir=f"{tmp}/teacher")
         figures["teacher.torch_test_macro_f1"] = round(teacher["metrics"]["test/macro_f1"], 4)
+        figures["teacher.val_macro_f1"] = round(teacher["metrics"]["val/macro_f1"], 4)
         figures.update(_entries("teacher", _export(f"{tmp}/teacher", f"{tmp}/teacher_export")))
         for name, (alias, extra) in STUDENTS.items():
             for loss, kd in LOSSES.items():
@@ -92,25 +126,30 @@ def main() -> None:
                 t0 = time.perf_counter()
                 r = vfmtune.distill(overrides=[f"teacher={tmp}/teacher", f"student={alias}", f"distill.img_size={STUDENT_PX}",
                                                "data.augment.enabled=false", f"trainer.max_epochs={EPOCHS}",
-                                               "early_stopping.enabled=false", f"data.batch_size={STUDENT_BATCH}", *extra, *kd, *COMMON],
+                                               "early_stopping.enabled=false", f"data.batch_size={STUDENT_BATCH}", *extra,
+                                               *(o.format(unlabeled=unlabeled) for o in kd), *COMMON],
                                   run_dir=run)
                 figures[f"{name}_{loss}.train_seconds"] = round(time.perf_counter() - t0, 1)
                 figures[f"{name}_{loss}.torch_test_macro_f1"] = round(r["metrics"]["test/macro_f1"], 4)
+                figures[f"{name}_{loss}.val_macro_f1"] = round(r["metrics"]["val/macro_f1"], 4)
                 figures.update(_entries(f"{name}_{loss}", _export(run, f"{run}_export")))
                 print({k: v for k, v in figures.items() if k.startswith(f"{name}_{loss}")}, flush=True)
 
     t = figures
-    best = max((n for n in t if n.endswith(".test_macro_f1") and not n.startswith("teacher") and "_int8" not in n),
-               key=lambda k: t[k]).split(".")[0]
+    # The best student is chosen on the validation split (ties: fewer parameters), then scored on test.
+    students = [f"{n}_{l}" for n in STUDENTS for l in LOSSES]
+    best = max(students, key=lambda m: (t[f"{m}.val_macro_f1"], -t[f"{m}.params"]))
     figures["target.best_student"] = best
     figures["target.best_student_f1_ratio"] = round(t[f"{best}.test_macro_f1"] / t["teacher.test_macro_f1"], 3)
     figures["target.best_student_latency_ratio_b1"] = round(t[f"{best}.latency_ms_b1"] / t["teacher.latency_ms_b1"], 3)
     for name in STUDENTS:
-        figures[f"target.{name}_kd_minus_ce_f1"] = round(t[f"{name}_kd.test_macro_f1"] - t[f"{name}_ce.test_macro_f1"], 4)
+        for loss in ("kd", "kd_unlabeled"):
+            figures[f"target.{name}_{loss}_minus_ce_f1"] = round(t[f"{name}_{loss}.test_macro_f1"] - t[f"{name}_ce.test_macro_f1"], 4)
     for model in ["teacher"] + [f"{n}_{l}" for n in STUDENTS for l in LOSSES]:
         figures[f"target.{model}_int8_f1_drop_points"] = round(100 * (t[f"{model}.test_macro_f1"] - t[f"{model}_int8.test_macro_f1"]), 2)
         figures[f"target.{model}_int8_speedup_b32"] = round(t[f"{model}.latency_ms_b32"] / t[f"{model}_int8.latency_ms_b32"], 2)
     figures.update({"subset": "textile nominal 240 / local 120 / global 120, split 70/10/20 (seed 0)",
+                    "unlabeled": "the other 1520 textile images (kd_unlabeled runs only)", "kd_alpha": KD_ALPHA, "kd_temperature": KD_T,
                     "teacher_px": 224, "student_px": STUDENT_PX, "epochs": EPOCHS, "augmentation": False,
                     "total_seconds": round(time.perf_counter() - t_start, 1)})
     write_results("distill" if not QUICK else "distill_quick_check", figures)
