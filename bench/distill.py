@@ -75,6 +75,22 @@ def _entries(name: str, m: dict) -> dict:
     return out
 
 
+REUSED: list[str] = []
+
+
+def _run_once(run: str, train) -> dict:
+    """`train(run)`'s metrics and wall seconds; with BENCH_KEEP a finished run is reused (exports are always redone)."""
+    done = Path(run) / "bench_run.json"
+    if done.is_file():
+        REUSED.append(Path(run).name)
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    metrics = train(run)["metrics"]
+    r = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, "seconds": round(time.perf_counter() - t0, 1)}
+    done.write_text(json.dumps(r))
+    return r
+
+
 def _export(ckpt: str, run_dir: str) -> dict:
     """Export metrics; an INT8 model that fails its gate still reports its figures (the fp32 bundle is valid)."""
     from vfmtune.exporter import ExportError
@@ -115,25 +131,24 @@ def main() -> None:
         unlabeled = unlabelled_manifest(Path(tmp) / "unlabeled.csv", manifest)
         if QUICK:  # 60 unlabelled images are enough to check the pipeline
             unlabeled.write_text("\n".join(unlabeled.read_text().splitlines()[:61]) + "\n")
-        teacher = vfmtune.train(overrides=["recipes=dinov2_vits14_frozen_textile", f"data.manifest={manifest}", *COMMON],
-                                run_dir=f"{tmp}/teacher")
+        teacher = _run_once(f"{tmp}/teacher", lambda run: vfmtune.train(
+            overrides=["recipes=dinov2_vits14_frozen_textile", f"data.manifest={manifest}", *COMMON], run_dir=run))
         figures["teacher.torch_test_macro_f1"] = round(teacher["metrics"]["test/macro_f1"], 4)
         figures["teacher.val_macro_f1"] = round(teacher["metrics"]["val/macro_f1"], 4)
         figures.update(_entries("teacher", _export(f"{tmp}/teacher", f"{tmp}/teacher_export")))
         for name, (alias, extra) in STUDENTS.items():
             for loss, kd in LOSSES.items():
                 run = f"{tmp}/{name}_{loss}"
-                t0 = time.perf_counter()
-                r = vfmtune.distill(overrides=[f"teacher={tmp}/teacher", f"student={alias}", f"distill.img_size={STUDENT_PX}",
-                                               "data.augment.enabled=false", f"trainer.max_epochs={EPOCHS}",
-                                               "early_stopping.enabled=false", f"data.batch_size={STUDENT_BATCH}", *extra,
-                                               *(o.format(unlabeled=unlabeled) for o in kd), *COMMON],
-                                  run_dir=run)
-                figures[f"{name}_{loss}.train_seconds"] = round(time.perf_counter() - t0, 1)
+                r = _run_once(run, lambda run: vfmtune.distill(overrides=[
+                    f"teacher={tmp}/teacher", f"student={alias}", f"distill.img_size={STUDENT_PX}", "data.augment.enabled=false",
+                    f"trainer.max_epochs={EPOCHS}", "early_stopping.enabled=false", f"data.batch_size={STUDENT_BATCH}", *extra,
+                    *(o.format(unlabeled=unlabeled) for o in kd), *COMMON], run_dir=run))
+                figures[f"{name}_{loss}.train_seconds"] = r["seconds"]
                 figures[f"{name}_{loss}.torch_test_macro_f1"] = round(r["metrics"]["test/macro_f1"], 4)
                 figures[f"{name}_{loss}.val_macro_f1"] = round(r["metrics"]["val/macro_f1"], 4)
                 figures.update(_entries(f"{name}_{loss}", _export(run, f"{run}_export")))
                 print({k: v for k, v in figures.items() if k.startswith(f"{name}_{loss}")}, flush=True)
+        figures["runs_reused"] = REUSED
 
     t = figures
     # The best student is chosen on the validation split (ties: fewer parameters), then scored on test.

@@ -14,7 +14,9 @@ import torch
 
 from vfmtune.api import load_model
 from vfmtune.cli import main
-from vfmtune.exporter import ExportError, conv_dominated, export, export_onnx, fold_feature_norm, paired_latency_ms
+from vfmtune.exporter import (
+    ExportError, conv_dominated, export, export_onnx, fold_feature_norm, paired_latency_ms, static_same_padding,
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,23 @@ def test_export__int8_gate_refuses_unsafe_model(distill_runs: dict[str, Path], t
 @pytest.mark.parametrize(("which", "expected"), [("teacher", False), ("student", True)])
 def test_conv_dominated__cnn_not_vit(bundles: dict[str, Path], which: str, expected: bool) -> None:
     assert conv_dominated(bundles[which] / "model.onnx") is expected
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_static_same_padding__same_function_and_no_runtime_pad_in_onnx(tmp_path: Path, size: int) -> None:
+    """TF-"same" stride-2 convs (EfficientNet-Lite) get constant padding: same outputs, no Shape-driven Pad in the graph."""
+    import copy
+
+    import onnx
+    from timm.layers.conv2d_same import Conv2dSame
+
+    model = torch.nn.Sequential(Conv2dSame(3, 8, 3, stride=2), torch.nn.ReLU6(), Conv2dSame(8, 8, 3, stride=2, groups=8)).eval()
+    static = static_same_padding(copy.deepcopy(model), size)
+    x = torch.randn(2, 3, size, size)
+    assert not any(isinstance(m, Conv2dSame) for m in static.modules())
+    assert torch.allclose(static(x), model(x), atol=1e-6)
+    export_onnx(static, tmp_path / "m.onnx", size=size, opset=18)
+    assert "Shape" not in {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
 
 
 def test_paired_latency__each_model_timed_in_turn() -> None:

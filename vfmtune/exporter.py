@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -66,6 +67,38 @@ def fold_feature_norm(head: nn.Sequential) -> nn.Sequential:
         fused.bias.copy_(lin.bias + lin.weight @ shift)
     rest[i] = fused
     return nn.Sequential(*rest).eval()
+
+
+def static_same_padding(module: nn.Module, size: int) -> nn.Module:
+    """`module` with each timm `Conv2dSame` replaced by `ZeroPad2d` + `Conv2d` padded for a `size` px input.
+
+    TF-"same" convolutions (EfficientNet-Lite0 and timm's other tf_* models) compute their padding from
+    the input size at run time, which ONNX records as a Shape/Ceil/Pad subgraph. onnxruntime's static
+    quantizer puts that Pad between Dequantize and Quantize nodes with its pad value quantized on its own,
+    so once fused the image border is padded with -zero_point*scale (about -1 on the stem's input) instead
+    of 0. A bundle's input size is fixed, so the padding is a constant: the same function, and
+    onnxruntime folds a constant zero Pad into the Conv. Changes `module` in place (pass a copy).
+    """
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: sizes.__setitem__(name, tuple(args[0].shape[-2:])))
+             for name, m in module.named_modules() if isinstance(m, Conv2dSame)]
+    if not hooks:
+        return module
+    with torch.no_grad():
+        module(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    for name, (h, w) in sizes.items():
+        conv = module.get_submodule(name)
+        ph, pw = (get_same_padding(x, k, s, d) for x, k, s, d in zip((h, w), conv.kernel_size, conv.stride, conv.dilation))
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation, conv.groups,
+                          conv.bias is not None)
+        plain.load_state_dict(conv.state_dict())
+        module.set_submodule(name, nn.Sequential(nn.ZeroPad2d((pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)), plain))
+    return module.eval()
 
 
 def preprocessing_policy(transform: Callable) -> dict[str, Any]:
@@ -272,7 +305,7 @@ def export(
             got = np.concatenate([loaded(torch.from_numpy(x)).numpy() for x in xs])
     else:
         path = bundle / "model.onnx"
-        export_onnx(module, path, size, ex["opset"])
+        export_onnx(static_same_padding(copy.deepcopy(module), size), path, size, ex["opset"])  # verified against `module` below
         _add_metadata(path, {"class_names": model.classes, "input_size": [3, size, size], "mean": policy["mean"], "std": policy["std"],
                              "preprocessing": policy})
         session = _session(path)
