@@ -52,6 +52,16 @@ def test_export__int8_reports_accuracy_drop_and_latency(bundles: dict[str, Path]
         assert key in m
 
 
+def test_export__int8_keeps_first_conv_fp32(bundles: dict[str, Path]) -> None:
+    import onnx
+
+    graph = onnx.load(str(bundles["student"] / "model.int8.onnx")).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert not any(producer.get(i) == "DequantizeLinear" for i in convs[0].input)  # raw pixels, fp32 weights
+    assert all(producer.get(n.input[1]) == "DequantizeLinear" for n in convs[1:])  # every other conv is INT8
+
+
 @pytest.mark.parametrize(("which", "tried"), [("teacher", ["static", "dynamic"]), ("student", ["static"])])
 def test_export__int8_gate_refuses_unsafe_model(distill_runs: dict[str, Path], tmp_path: Path, which: str, tried: list[str]) -> None:
     """Static first; the dynamic fallback only for a transformer (a CNN's ConvInteger is slower than its fp32)."""

@@ -212,10 +212,18 @@ def conv_dominated(path: Path) -> bool:
     return ops.count("Conv") > ops.count("MatMul") + ops.count("Gemm")
 
 
+def first_conv(path: Path) -> list[str]:
+    """Name of the graph's first Conv node (ONNX nodes are stored in topological order), as a 0/1-item list."""
+    import onnx
+
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "Conv"][:1]
+
+
 def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray], mode: str = "static",
-                  allow_dynamic_fallback: bool = True) -> str:
-    """Static QDQ INT8 (per-channel weights, calibrated activations), or dynamic INT8 (weights only, activation
-    ranges per batch) when asked, or when static fails and `allow_dynamic_fallback`. Returns the mode used."""
+                  allow_dynamic_fallback: bool = True, keep_first_conv: bool = True) -> str:
+    """Static QDQ INT8 (per-channel weights, calibrated activations; the first Conv left fp32 when
+    `keep_first_conv`), or dynamic INT8 (weights only, activation ranges per batch) when asked, or when
+    static fails and `allow_dynamic_fallback`. Returns the mode used."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -231,7 +239,8 @@ def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray], mode: str
             return "dynamic"
         quant_pre_process(str(src), str(pre))
         quantize_static(str(pre), str(dst), _Calibration("image", calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=first_conv(pre) if keep_first_conv else [])
         return "static"
     except Exception as e:  # noqa: BLE001 - fall back, and say why
         if not allow_dynamic_fallback:
@@ -334,7 +343,8 @@ def export(
         # (9x for EfficientNet-Lite0 in bench/distill.py run 1) and which collapsed that model to chance.
         attempts = ("static",) if conv_dominated(path) else ("static", "dynamic")
         for attempt in attempts:
-            mode = quantize_int8(path, q_path, calibration, attempt, allow_dynamic_fallback=len(attempts) > 1)
+            mode = quantize_int8(path, q_path, calibration, attempt, allow_dynamic_fallback=len(attempts) > 1,
+                                 keep_first_conv=ex["int8_keep_first_conv"])
             q_session = _session(q_path)
             q = np.concatenate([_run(q_session, x) for x in xs])
             q_check = _compare(got, q)
