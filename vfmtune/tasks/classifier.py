@@ -77,6 +77,11 @@ class Classifier(ClassificationTask):
         )
         ft = config["finetune"]
         apply_finetune(self.backbone, ft["mode"], ft["n_blocks"], ft["freeze"], ft["unfreeze"])
+        if ft.get("grad_checkpointing"):
+            try:  # before peft wraps the model: timm's forward_features reads the flag on the model itself
+                self.backbone.set_grad_checkpointing(True)
+            except (AssertionError, NotImplementedError) as e:
+                raise ConfigError(f"finetune.grad_checkpointing=true: {b['name']} does not support it in timm ({e}).") from e
         if ft["mode"] == "lora":
             from vfmtune.adapt.lora import apply_lora
 
