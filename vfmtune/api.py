@@ -32,6 +32,7 @@ from vfmtune.data.prepare import SPLITS, Prepared, cache_root, list_images, prep
 from vfmtune.data.splits import save_splits
 from vfmtune.data.transforms import build_transforms
 from vfmtune.embed import EmbeddingCache, model_key, weights_digest
+from vfmtune.memory import PeakMemory
 from vfmtune.report import write_json
 from vfmtune.rng import RNGState
 from vfmtune.runner import as_config_dict, build_trainer, compute_device, load_config, make_run_dir, overridden, write_run_report
@@ -139,7 +140,8 @@ def fit(config: dict[str, Any], prepared: Prepared, out: Path, callbacks: Sequen
     best_cb = ModelCheckpoint(
         dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max", auto_insert_metric_name=False, enable_version_counter=False
     ) if monitor else None
-    callbacks = [*([best_cb] if best_cb else []), last_cb, RNGState(), *([unfreezing] if unfreezing else []), *callbacks]
+    memory = PeakMemory()
+    callbacks = [*([best_cb] if best_cb else []), last_cb, RNGState(), memory, *([unfreezing] if unfreezing else []), *callbacks]
     stop = config["early_stopping"]
     if stop["enabled"] and has_val:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=stop["patience"], min_delta=stop["min_delta"]))
@@ -156,7 +158,8 @@ def fit(config: dict[str, Any], prepared: Prepared, out: Path, callbacks: Sequen
     if "test" in splits:
         trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
         metrics.update(model.eval_results["test"])
-    metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2)})
+    metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2),
+                    **memory.figures})
     result = {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
     if trainer.is_global_zero:
         if config["finetune"]["mode"] == "lora":
