@@ -102,3 +102,15 @@ def test_grad_checkpointing__same_gradients_as_stored_activations(mode: str) -> 
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("mode, frozen_stats", [("frozen", False), ("full", True), ("lora", True), ("progressive", True)])
+def test_feature_norm__statistics_fixed_while_the_backbone_trains(probe: dict, tmp_path: Path, mode: str, frozen_stats: bool) -> None:
+    seen = HeadAtStart()
+    run = train(overrides=[*TINY, f"data.root={probe['images']}", f"finetune={mode}", f"finetune.head_from={probe['run']}",
+                           "trainer.max_epochs=1", "finetune.cache_embeddings=false"], run_dir=tmp_path / "ft", callbacks=[seen])
+    after = {k.removeprefix("head."): v for k, v in torch.load(run["best_checkpoint"], weights_only=True)["state_dict"].items()
+             if k.startswith("head.0.running_")}
+    assert after
+    for k, v in after.items():
+        assert torch.equal(v, seen.head[k]) is frozen_stats, k
