@@ -31,6 +31,7 @@ def test_cuda__mixed_precision_training_then_cpu_evaluation(images: Path, tmp_pa
     run = train(overrides=[*GPU, f"data.root={images}", f"finetune={mode}", f"trainer.precision={precision}",
                            "trainer.max_epochs=3", *schedule], run_dir=tmp_path / "run")
     assert run["metrics"]["test/accuracy"] > 0.5  # three colour classes: learnable in 3 epochs
+    assert run["metrics"]["train_peak_gpu_mb"] > 0
     model = load_model(run["best_checkpoint"])  # a GPU checkpoint loads on a CPU-only consumer
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     again = evaluate(overrides=[f"ckpt={run['best_checkpoint']}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",

@@ -55,8 +55,9 @@ class PeakMemory(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = _status_mb("VmRSS")
         self._reset = _reset_peak_rss()
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._device = pl_module.device  # at on_fit_end the strategy has already moved the module back
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -66,5 +67,5 @@ class PeakMemory(L.Callback):
             "train_peak_rss_mb": round(peak if peak is not None else _lifetime_peak_rss_mb(), 1),
             "train_start_rss_mb": None if self._start is None else round(self._start, 1),
         }
-        if pl_module.device.type == "cuda":
-            self.figures["train_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(pl_module.device) / 2**20, 1)
+        if self._device.type == "cuda":
+            self.figures["train_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(self._device) / 2**20, 1)
