@@ -8,7 +8,6 @@ VmHWM) and read when it ends.
 
 from __future__ import annotations
 
-import resource
 import sys
 from typing import Any
 
@@ -40,6 +39,8 @@ def _reset_peak_rss() -> bool:
 
 
 def _lifetime_peak_rss_mb() -> float:
+    import resource  # Unix only; reached only where /proc is missing
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
