@@ -72,6 +72,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides for every run, e.g. the LoRA repeat: "
+                        "finetune=lora trainer.max_epochs=15 early_stopping.enabled=false")
+    parser.add_argument("--results", default="imbalance", help="bench/results/<name>.json")
     args = parser.parse_args()
 
     scores: dict[str, dict[str, list[float]]] = {m: {"ba": [], "f1": []} for m in args.methods}
@@ -82,7 +85,9 @@ def main() -> None:
             manifest = Path(tmp) / f"harsh_{seed}.csv"
             counts = harsh_manifest(manifest, seed)
             for method in args.methods:
-                overrides = [*BASE, f"data.manifest={manifest}", "data.dataset=null", f"seed={seed}", *METHODS[method]]
+                overrides = [*BASE, f"data.manifest={manifest}", "data.dataset=null", f"seed={seed}", *METHODS[method], *args.extra]
+                keys = {o.split("=")[0] for o in args.extra}  # --extra finetune=lora replaces BASE's finetune=frozen
+                overrides = [o for o in overrides if o in args.extra or o.split("=")[0] not in keys]
                 t0 = time.perf_counter()
                 m = vfmtune.train(overrides=overrides, run_dir=f"{tmp}/{method}_{seed}")["metrics"]
                 scores[method]["ba"].append(m["test/balanced_accuracy"])
@@ -96,6 +101,7 @@ def main() -> None:
         "split_counts": counts,
         "backbone": "dinov2_vits14 (packaged), frozen, 224 px, cached embeddings",
         "head": "finetune=frozen defaults (BatchNorm + linear, 300 epochs, early stopping on val macro-F1)",
+        "extra_overrides": args.extra,
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     print(f"\n{'method':<30} {'balanced acc':>20} {'macro-F1':>20}")
@@ -114,7 +120,7 @@ def main() -> None:
         gain = float(np.mean(scores[best]["ba"]) - np.mean(scores["ce"]["ba"]))
         figures["best_minus_ce_balanced_accuracy_points"] = round(100 * gain, 1)
         figures["target_10_points_met"] = gain >= 0.10
-    write_results("imbalance", figures)
+    write_results(args.results, figures)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 """Adaptation strategies side by side on the textile set with the packaged DINOv2 ViT-S/14.
 
-Run: flock /tmp/vfmtune-bench.lock python bench/strategies.py
-Data: 300 textile images (150 nominal / 75 local / 75 global, seeded), stratified 65/15/20 split;
-112 px input (8x8 patches of 14 px); 8 epochs, seed 0, batch 32, AdamW + cosine, same for every
-strategy. Each strategy runs in its own `vfmtune train` process, so peak RSS (from wait4) is its own.
-The frozen-head row trains on cached embeddings for the same 8 epochs; `frozen_head_recipe` is the
-core issue's baseline recipe (300 epochs on the cache) on the same data, for reference.
+Run: flock /tmp/vfmtune-bench.lock python bench/strategies.py            # the CPU benchmark (~40 min, 2 cores)
+     python bench/strategies.py --profile gpu [--extra ...]              # the same at full size on a CUDA GPU
+CPU profile: 1000 textile images (500 nominal / 250 local / 250 global, seeded), stratified 65/15/20 split;
+224 px input (16x16 patches: local defects are small, and at 112 px no strategy beat the frozen head);
+3 epochs, seed 0, batch 16, AdamW + cosine, the same for every strategy. Each strategy runs in its own
+`vfmtune train` process, so its peak RSS (wait4) and training memory (metrics.json) are its own.
+`frozen_head_recipe` is the core issue's baseline (the frozen-head recipe: 300 epochs on cached
+embeddings); `frozen_head_raw` is the same without the BatchNorm feature norm, and every fine-tuning
+strategy starts from its head (LP-FT, `finetune.head_from`, `head.feature_norm=false`).
+`frozen_head` trains a head on the cache for the same epochs as the others. The `_gc` rows add gradient
+checkpointing and stop after 4 steps: they measure memory only.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -20,24 +26,51 @@ from pathlib import Path
 
 from common import textile_subset_manifest, write_results
 
-SUBSET = {"nominal": 150, "local": 75, "global": 75}
-IMG_SIZE, EPOCHS, SEED = 112, 8, 0
-COMMON = [
-    f"backbone.img_size={IMG_SIZE}", f"trainer.max_epochs={EPOCHS}", f"seed={SEED}",
-    "data.val_fraction=0.15", "data.test_fraction=0.2", "data.batch_size=32", "data.num_workers=1",
-    "trainer.enable_progress_bar=false", "early_stopping.enabled=false", "trainer.log_every_n_steps=1",
-]
+SEED = 0
+PROBE = "frozen_head_recipe"  # the core issue's baseline
+# The fine-tuning strategies start from this probe's head (LP-FT) and keep a plain linear head: the
+# baseline's BatchNorm feature norm, with fixed statistics, amplifies the few near-constant feature
+# channels that augmentation and fine-tuning move (first-epoch train losses of ~30 at 224 px).
+LP_PROBE = "frozen_head_raw"
+# cpu: the benchmark (fits ~40 minutes on 2 cores). gpu: the same comparison at full size, for a CUDA machine.
+PROFILES: dict[str, dict] = {
+    "cpu": {"subset": {"nominal": 500, "local": 250, "global": 250}, "img_size": 224, "epochs": 3, "batch": 16,
+            "extra": ["data.num_workers=1"], "results": "strategies"},
+    "gpu": {"subset": None, "img_size": 224, "epochs": 15, "batch": 64,
+            "extra": ["data.num_workers=8", "trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed"],
+            "results": "strategies_gpu"},
+}
+
+
+def common(p: dict) -> list[str]:
+    """Every run, the probe recipe included."""
+    return [f"backbone.img_size={p['img_size']}", f"seed={SEED}", "data.val_fraction=0.15", "data.test_fraction=0.2",
+            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", *p["extra"]]
+
+
+def same_budget(p: dict) -> list[str]:
+    """Every run but the probe recipe (which keeps its own 300 cached epochs, batch 128, lr 3e-2)."""
+    return [f"trainer.max_epochs={p['epochs']}", f"data.batch_size={p['batch']}", "early_stopping.enabled=false"]
+
+
 # Backbone lr = optim.lr (1e-3, the head's) x backbone_lr_scale: 1e-4 for pretrained weights that
 # change, 1e-3 for LoRA's freshly initialised low-rank matrices (LoRA usually wants a higher lr).
 STRATEGIES: dict[str, list[str]] = {
+    PROBE: ["recipes=dinov2_vits14_frozen_textile"],
+    LP_PROBE: ["recipes=dinov2_vits14_frozen_textile", "head.feature_norm=false"],
     "frozen_head": ["finetune=frozen"],
     "last_4_blocks": ["finetune=last_blocks", "finetune.n_blocks=4"],
     "progressive": ["finetune=progressive", "finetune.every=2", "finetune.step=4"],
     "lora_r8": ["finetune=lora", "finetune.rank=8", "optim.backbone_lr_scale=1.0"],
     "lora_r8_llrd": ["finetune=lora", "finetune.rank=8", "optim.backbone_lr_scale=1.0", "optim.layer_decay=0.75"],
     "full": ["finetune=full"],
-    "frozen_head_recipe": ["recipes=dinov2_vits14_frozen_textile", "data.val_fraction=0.15", "data.test_fraction=0.2"],
+    "lora_r8_gc": ["finetune=lora", "finetune.rank=8", "optim.backbone_lr_scale=1.0", "finetune.grad_checkpointing=true"],
+    "full_gc": ["finetune=full", "finetune.grad_checkpointing=true"],
 }
+FROZEN = (PROBE, LP_PROBE, "frozen_head")
+# Memory only: the peak is reached in the first steps, so these stop after 4 (their scores are not comparable).
+MEMORY_ONLY = {"lora_r8_gc": ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.max_epochs=1"],
+               "full_gc": ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.max_epochs=1"]}
 
 
 def _size_mb(path: Path) -> float:
@@ -45,12 +78,15 @@ def _size_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in files) / 2**20, 2)
 
 
-def run(name: str, overrides: list[str], manifest: Path, out: Path) -> dict:
+def run(name: str, overrides: list[str], manifest: Path, out: Path, profile: dict) -> dict:
     run_dir = out / name
-    cmd = [sys.executable, "-m", "vfmtune.cli", "train", f"data.manifest={manifest}", *COMMON, *overrides, f"hydra.run.dir={run_dir}"]
+    budget = [] if name in (PROBE, LP_PROBE) else same_budget(profile)
+    lpft = [] if name in FROZEN else [f"finetune.head_from={out / LP_PROBE}", "head.feature_norm=false"]
+    cmd = [sys.executable, "-m", "vfmtune.cli", "train", f"data.manifest={manifest}", *common(profile), *budget, *overrides,
+           *lpft, *MEMORY_ONLY.get(name, []), f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB on Linux)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{name} failed; see {out / f'{name}.log'}:\n" + (out / f"{name}.log").read_text()[-3000:])
@@ -64,7 +100,10 @@ def run(name: str, overrides: list[str], manifest: Path, out: Path) -> dict:
         f"{name}/test_macro_f1": round(m["test/macro_f1"], 4),
         f"{name}/test_balanced_accuracy": round(m["test/balanced_accuracy"], 4),
         f"{name}/trainable_params": trainable,
-        f"{name}/peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        f"{name}/peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # the whole process (imports, embedding pass, fit)
+        # what fit itself adds: peak resident set during fit minus the resident set when fit started
+        f"{name}/train_memory_mb": round(m["train_peak_rss_mb"] - m["train_start_rss_mb"], 1),
+        **({f"{name}/train_peak_gpu_mb": m["train_peak_gpu_mb"]} if "train_peak_gpu_mb" in m else {}),
         f"{name}/sec_per_epoch": round(m["train_seconds"] / max(m["epochs"], 1), 2),
         f"{name}/checkpoint_mb": _size_mb(adapter if adapter.is_dir() else ckpt),
         f"{name}/full_checkpoint_mb": _size_mb(ckpt),
@@ -73,25 +112,41 @@ def run(name: str, overrides: list[str], manifest: Path, out: Path) -> dict:
 
 
 def main() -> None:
-    only = sys.argv[1:] or list(STRATEGIES)
-    figures: dict = {"resolution": IMG_SIZE, "subset": json.dumps(SUBSET), "subset_images": sum(SUBSET.values()), "epochs": EPOCHS, "seed": SEED}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("strategies", nargs="*", choices=[[], *STRATEGIES], default=[])
+    parser.add_argument("--profile", choices=list(PROFILES), default="cpu")
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides for every run (e.g. backbone.weights=file backbone.path=...)")
+    parser.add_argument("--epochs", type=int, help="override the profile's epochs")
+    args = parser.parse_args()
+    p = {**PROFILES[args.profile], **({"epochs": args.epochs} if args.epochs else {})}
+    p["extra"] = [*p["extra"], *args.extra]
+    only = args.strategies or list(STRATEGIES)
+    for probe in (LP_PROBE, PROBE):  # first: the baseline, and the head the fine-tuning strategies start from
+        if probe not in only:
+            only.insert(0, probe)
+    figures: dict = {"profile": args.profile, "resolution": p["img_size"], "subset": json.dumps(p["subset"] or "all 2000 images"),
+                     "epochs": p["epochs"], "batch": p["batch"], "seed": SEED, "extra_overrides": p["extra"]}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        manifest = textile_subset_manifest(out / "subset.csv", SUBSET, seed=SEED)
+        if p["subset"]:
+            figures["subset_images"] = sum(p["subset"].values())
+        manifest = textile_subset_manifest(out / "subset.csv", p["subset"] or {}, seed=SEED)
         for name in only:
-            figures.update(run(name, STRATEGIES[name], manifest, out))
+            figures.update(run(name, STRATEGIES[name], manifest, out, p))
             print({k: v for k, v in figures.items() if k.startswith(name + "/")}, flush=True)
-            write_results("strategies", {**figures, "complete": name == only[-1]})  # partial results survive
-    full, lora = figures.get("full/peak_rss_mb"), figures.get("lora_r8/peak_rss_mb")
-    if full and lora:
-        figures["lora_rss_ratio_vs_full"] = round(lora / full, 3)
+            write_results(p["results"], {**figures, "complete": name == only[-1]})  # partial results survive
+    for lora, full in (("lora_r8", "full"), ("lora_r8_gc", "full"), ("lora_r8_gc", "full_gc")):
+        for key in ("peak_rss_mb", "train_memory_mb", "train_peak_gpu_mb"):
+            a, b = figures.get(f"{lora}/{key}"), figures.get(f"{full}/{key}")
+            if a and b:
+                figures[f"ratio_{key}/{lora}_vs_{full}"] = round(a / b, 3)
+    if "lora_r8/checkpoint_mb" in figures and "full/checkpoint_mb" in figures:
         figures["lora_adapter_ratio_vs_full_ckpt"] = round(figures["lora_r8/checkpoint_mb"] / figures["full/checkpoint_mb"], 4)
-    tuned = [n for n in only if n not in ("frozen_head", "frozen_head_recipe")]
+    tuned = [n for n in only if n not in FROZEN and n not in MEMORY_ONLY]
     if tuned:
         best = max(tuned, key=lambda n: figures[f"{n}/test_macro_f1"])
         figures["best_strategy"] = best
-    write_results("strategies", {**figures, "complete": True})
-
+    write_results(p["results"], {**figures, "complete": True})
 
 if __name__ == "__main__":
     main()

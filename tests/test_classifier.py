@@ -106,3 +106,20 @@ def test_head_types() -> None:
     assert [type(m).__name__ for m in mlp.head] == ["BatchNorm1d", "Linear", "GELU", "Dropout", "Linear"]
     with pytest.raises(ConfigError, match="head.type"):
         Classifier(tiny_config("head.type=transformer"), ["a"])
+
+
+@pytest.mark.parametrize("mode", ["frozen", "last_blocks"])
+def test_frozen_batchnorm__statistics_unchanged_by_training(tmp_path, mode: str) -> None:
+    # Lightning never calls train() at fit start; the frozen parts must still be in eval mode from the first step.
+    from conftest import TINY, make_imagefolder
+    from vfmtune.api import train
+
+    images = make_imagefolder(tmp_path / "img", {"cat": 12, "dog": 12})
+    run = train(overrides=[*TINY, "backbone.name=timm/test_efficientnet", f"data.root={images}", f"finetune={mode}",
+                           "finetune.cache_embeddings=false", "trainer.max_epochs=1"], run_dir=tmp_path / "run")
+    trained = torch.load(run["best_checkpoint"], weights_only=True)["state_dict"]
+    fresh = create_backbone("timm/test_efficientnet", weights="none").state_dict()
+    stats = [k for k in fresh if k.endswith("running_mean") and k.startswith(("conv_stem", "bn1", "blocks.0"))]
+    assert stats
+    for k in stats:
+        torch.testing.assert_close(trained[f"backbone.{k}"], fresh[k], msg=k)

@@ -19,15 +19,18 @@ from conftest import TINY, make_imagefolder
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Two runs cover every vfmtune strategy (frozen/last_blocks/full are plain Lightning DDP): progressive
-# with layer decay, and LoRA with layer decay plus progressive unfreezing of the last block.
+# Every strategy: progressive with layer decay, LoRA with layer decay plus progressive unfreezing of the
+# last block, the frozen head on cached embeddings (a TensorDataset split across ranks), and full
+# fine-tuning with gradient checkpointing (last_blocks is full fine-tuning of fewer parameters).
 @pytest.mark.parametrize(
     "strategy, n_trainable_sets",
     [
         (["finetune=progressive", "finetune.schedule={0: head, 1: blocks.4-5}", "optim.layer_decay=0.75"], 2),
         (["finetune=lora", "finetune.schedule={1: blocks.5}", "optim.layer_decay=0.75"], 2),
+        (["finetune=frozen"], 1),
+        (["finetune=full", "finetune.grad_checkpointing=true"], 1),
     ],
-    ids=["progressive_llrd", "lora_progressive_llrd"],
+    ids=["progressive_llrd", "lora_progressive_llrd", "frozen_cached", "full_grad_checkpointing"],
 )
 def test_ddp_two_processes__same_frozen_set_and_weights_on_all_ranks(tmp_path: Path, strategy: list[str], n_trainable_sets: int) -> None:
     images = make_imagefolder(tmp_path / "images", {"cat": 10, "dog": 10, "owl": 10})

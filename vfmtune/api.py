@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, TensorDataset
 
 from vfmtune.adapt.freeze import is_frozen, param_table
+from vfmtune.adapt.head_init import init_head_from
 from vfmtune.adapt.lora import load_adapter, merge_lora, save_adapter
 from vfmtune.adapt.progressive import progressive_callback
 from vfmtune.checkpoint import atomic_torch_save, load_checkpoint, resolve_checkpoint
@@ -31,9 +32,10 @@ from vfmtune.data.prepare import SPLITS, Prepared, cache_root, list_images, prep
 from vfmtune.data.splits import save_splits
 from vfmtune.data.transforms import build_transforms
 from vfmtune.embed import EmbeddingCache, model_key, weights_digest
+from vfmtune.memory import PeakMemory
 from vfmtune.report import write_json
 from vfmtune.rng import RNGState
-from vfmtune.runner import as_config_dict, build_trainer, load_config, make_run_dir, overridden, write_run_report
+from vfmtune.runner import as_config_dict, build_trainer, compute_device, load_config, make_run_dir, overridden, write_run_report
 from vfmtune.sampling import build_sampler, check_imbalance_options, resample_embeddings
 from vfmtune.tasks.classifier import Classifier
 
@@ -53,7 +55,8 @@ def _datasets(
         cache = EmbeddingCache(cache_root(cfg) / "embeddings" / key)
         paths, labels = prepared.subset("all")
         t0 = time.perf_counter()
-        features = cache.embed(model.backbone, paths, eval_tf, cfg["data"]["batch_size"], cfg["data"]["num_workers"])
+        features = cache.embed(model.backbone, paths, eval_tf, cfg["data"]["batch_size"], cfg["data"]["num_workers"],
+                               device=compute_device(cfg))
         print(f"embeddings ready in {time.perf_counter() - t0:.1f}s ({cache.folder})")
         model.embeddings_input = True
         by_path = dict(zip(paths, features))
@@ -112,6 +115,8 @@ def fit(config: dict[str, Any], prepared: Prepared, out: Path, callbacks: Sequen
             raise DataError(f"The {split} split is empty. Fix: add images or change data.val_fraction / data.test_fraction.")
     counts = train_class_counts(prepared)
     model = Classifier(config, prepared.table.classes, class_counts=counts)
+    if config["finetune"].get("head_from") and not config.get("ckpt"):  # a resumed run restores its own head
+        print(f"Head initialised from {init_head_from(model, config['finetune']['head_from'])} (LP-FT)")
     unfreezing = progressive_callback(config, model)  # validates the schedule before any training
     use_cache = check_imbalance_options(config, _uses_cache(config, model), counts, prepared.table.classes)
     print(param_table(model.backbone, model.head))
@@ -135,7 +140,8 @@ def fit(config: dict[str, Any], prepared: Prepared, out: Path, callbacks: Sequen
     best_cb = ModelCheckpoint(
         dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max", auto_insert_metric_name=False, enable_version_counter=False
     ) if monitor else None
-    callbacks = [*([best_cb] if best_cb else []), last_cb, RNGState(), *([unfreezing] if unfreezing else []), *callbacks]
+    memory = PeakMemory()
+    callbacks = [*([best_cb] if best_cb else []), last_cb, RNGState(), memory, *([unfreezing] if unfreezing else []), *callbacks]
     stop = config["early_stopping"]
     if stop["enabled"] and has_val:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=stop["patience"], min_delta=stop["min_delta"]))
@@ -152,7 +158,8 @@ def fit(config: dict[str, Any], prepared: Prepared, out: Path, callbacks: Sequen
     if "test" in splits:
         trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
         metrics.update(model.eval_results["test"])
-    metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2)})
+    metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2),
+                    **memory.figures})
     result = {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
     if trainer.is_global_zero:
         if config["finetune"]["mode"] == "lora":

@@ -92,6 +92,11 @@ class FinetuneConfig:
     dropout: float = 0.0
     targets: Any = "attn"  # attn | attn_mlp | a list of module-name suffixes, e.g. [attn.qkv, mlp.fc2]
     use_dora: bool = False  # weight-decomposed LoRA (DoRA, https://arxiv.org/abs/2402.09353)
+    # LP-FT: start from the head of a finetune=frozen run (a run directory or .ckpt), not a random one.
+    head_from: Optional[str] = None
+    # Recompute each block's activations in the backward pass instead of storing them (timm's
+    # set_grad_checkpointing): a fraction of the memory for ~1.5-2x the step time when the backbone trains.
+    grad_checkpointing: bool = False
 
 
 @dataclass

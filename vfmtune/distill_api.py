@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from vfmtune.data.prepare import cache_root, list_images, prepare_data, scan_or_skip
 from vfmtune.runner import (
-    as_config_dict, build_trainer, load_config, make_run_dir, overridden, write_run_report,
+    as_config_dict, build_trainer, compute_device, load_config, make_run_dir, overridden, write_run_report,
 )
 from vfmtune.backbones import data_config
 from vfmtune.checkpoint import load_checkpoint
@@ -157,7 +157,7 @@ def distill(
         _, t_eval = build_transforms(data_config(teacher.backbone, t_cfg["img_size"]), {"enabled": False})
         cache = EmbeddingCache(cache_root(config) / "embeddings" / model_key(t_cfg["name"], weights_digest(teacher.backbone), t_eval))
         t0 = time.perf_counter()
-        emb = cache.embed(teacher.backbone, train_paths, t_eval, d["batch_size"], d["num_workers"])
+        emb = cache.embed(teacher.backbone, train_paths, t_eval, d["batch_size"], d["num_workers"], device=compute_device(config))
         print(f"teacher outputs ready in {time.perf_counter() - t0:.1f}s ({cache.folder})")
         train_set = TeacherTargets(train_set, emb)
     elif model.needs_teacher:

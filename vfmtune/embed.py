@@ -86,8 +86,10 @@ class EmbeddingCache:
         batch_size: int = 32,
         num_workers: int = 0,
         progress: bool = True,
+        device: torch.device | str = "cpu",
     ) -> torch.Tensor:
-        """Pooled features [len(paths), D] of `backbone` in eval mode; only cache misses are computed."""
+        """Pooled features [len(paths), D] of `backbone` in eval mode; only cache misses are computed, on
+        `device` (the backbone goes back where it was). Features are stored as float32 on the CPU."""
         digests = [file_digest(p) for p in paths]
         table = self._load()
         missing_unique: dict[bytes, int] = {}  # digest -> first index: duplicate files embed once
@@ -102,7 +104,8 @@ class EmbeddingCache:
                 num_workers=num_workers,
             )
             was_training = backbone.training
-            backbone.eval()
+            home = next(backbone.parameters()).device
+            backbone.eval().to(device)
             chunks = []
             iterator = loader
             if progress:
@@ -110,8 +113,8 @@ class EmbeddingCache:
 
                 iterator = tqdm(loader, desc=f"embedding {len(idx)} images (cached for later runs)", unit="batch")
             for images, _ in iterator:
-                chunks.append(backbone(images).float())
-            backbone.train(was_training)
+                chunks.append(backbone(images.to(device, non_blocking=True)).float().cpu())
+            backbone.train(was_training).to(home)
             features = torch.cat(chunks)
             self._save_shard([digests[i] for i in idx], features)
             for j, i in enumerate(idx):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
+import torch
 from omegaconf import DictConfig
 
 from vfmtune.checkpoint import AtomicCheckpointIO
@@ -54,6 +55,14 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path, callbacks: list, **extra: 
         raise ConfigError(f"logger={cfg['logger']!r} is not one of csv, tensorboard, none.")
     kwargs.setdefault("logger", logger)
     return L.Trainer(default_root_dir=run_dir, callbacks=callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
+
+
+def compute_device(cfg: dict[str, Any]) -> torch.device:
+    """Where work outside the Trainer (embedding and teacher caches) runs: the GPU when the trainer
+    config would use one (`trainer.accelerator` auto / gpu / cuda and CUDA available), else the CPU."""
+    accelerator = str(cfg["trainer"].get("accelerator", "auto"))
+    use_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and cfg["trainer"].get("devices") != 0
+    return torch.device("cuda") if use_gpu else torch.device("cpu")
 
 
 def write_run_report(metrics: dict[str, Any], classes: Sequence[str], run_dir: Path, prefixes: Sequence[str]) -> None:

@@ -44,6 +44,13 @@ class ClassificationTask(L.LightningModule):
         self.eval_results[prefix] = flat
 
     @override
+    def on_train_epoch_start(self) -> None:
+        # Lightning never calls train() when fit starts (after validation it restores the modes it captured),
+        # so the subclasses' train() rules (frozen parts in eval mode) are applied here, after the callbacks'
+        # own epoch-start hooks (progressive unfreezing) have run.
+        self.train()
+
+    @override
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
