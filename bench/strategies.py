@@ -69,8 +69,8 @@ STRATEGIES: dict[str, list[str]] = {
 }
 FROZEN = (PROBE, LP_PROBE, "frozen_head")
 # Memory only: the peak is reached in the first steps, so these stop after 4 (their scores are not comparable).
-MEMORY_ONLY = {"lora_r8_gc": ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.max_epochs=1"],
-               "full_gc": ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.max_epochs=1"]}
+MEMORY_ONLY = ("lora_r8_gc", "full_gc")
+MEMORY_ONLY_BUDGET = ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.max_epochs=1"]
 
 
 def _size_mb(path: Path) -> float:
@@ -83,7 +83,7 @@ def run(name: str, overrides: list[str], manifest: Path, out: Path, profile: dic
     budget = [] if name in (PROBE, LP_PROBE) else same_budget(profile)
     lpft = [] if name in FROZEN else [f"finetune.head_from={out / LP_PROBE}", "head.feature_norm=false"]
     cmd = [sys.executable, "-m", "vfmtune.cli", "train", f"data.manifest={manifest}", *common(profile), *budget, *overrides,
-           *lpft, *MEMORY_ONLY.get(name, []), f"hydra.run.dir={run_dir}"]
+           *lpft, *(MEMORY_ONLY_BUDGET if name in MEMORY_ONLY else []), f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
