@@ -10,7 +10,10 @@ CPU profile: 1000 textile images (500 nominal / 250 local / 250 global, seeded),
 embeddings); `frozen_head_raw` is the same without the BatchNorm feature norm, and every fine-tuning
 strategy starts from its head (LP-FT, `finetune.head_from`, `head.feature_norm=false`).
 `frozen_head` trains a head on the cache for the same epochs as the others. The `_gc` rows add gradient
-checkpointing and stop after 4 steps: they measure memory only.
+checkpointing, the `_lean` rows `lean_host_memory=true` (freed tensors go back to the OS); both stop
+after 4 steps: they measure memory only. `--memory-only` runs every selected strategy that way
+(results: strategies_memory.json), so LoRA and full fine-tuning are compared under each setting in one run:
+     flock /tmp/vfmtune-bench.lock python bench/strategies.py --memory-only lora_r8 full lora_r8_lean full_lean lora_r8_gc full_gc
 """
 
 from __future__ import annotations
@@ -66,10 +69,12 @@ STRATEGIES: dict[str, list[str]] = {
     "full": ["finetune=full"],
     "lora_r8_gc": ["finetune=lora", "finetune.rank=8", "optim.backbone_lr_scale=1.0", "finetune.grad_checkpointing=true"],
     "full_gc": ["finetune=full", "finetune.grad_checkpointing=true"],
+    "lora_r8_lean": ["finetune=lora", "finetune.rank=8", "optim.backbone_lr_scale=1.0", "lean_host_memory=true"],
+    "full_lean": ["finetune=full", "lean_host_memory=true"],
 }
 FROZEN = (PROBE, LP_PROBE, "frozen_head")
 # Memory only: the peak is reached in the first steps, so these stop after 4 (their scores are not comparable).
-MEMORY_ONLY = ("lora_r8_gc", "full_gc")
+MEMORY_ONLY = ("lora_r8_gc", "full_gc", "lora_r8_lean", "full_lean")
 MEMORY_ONLY_BUDGET = ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.max_epochs=1"]
 
 
@@ -78,12 +83,12 @@ def _size_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in files) / 2**20, 2)
 
 
-def run(name: str, overrides: list[str], manifest: Path, out: Path, profile: dict) -> dict:
+def run(name: str, overrides: list[str], manifest: Path, out: Path, profile: dict, memory_only: bool) -> dict:
     run_dir = out / name
     budget = [] if name in (PROBE, LP_PROBE) else same_budget(profile)
     lpft = [] if name in FROZEN else [f"finetune.head_from={out / LP_PROBE}", "head.feature_norm=false"]
     cmd = [sys.executable, "-m", "vfmtune.cli", "train", f"data.manifest={manifest}", *common(profile), *budget, *overrides,
-           *lpft, *(MEMORY_ONLY_BUDGET if name in MEMORY_ONLY else []), f"hydra.run.dir={run_dir}"]
+           *lpft, *(MEMORY_ONLY_BUDGET if memory_only else []), f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
@@ -117,14 +122,17 @@ def main() -> None:
     parser.add_argument("--profile", choices=list(PROFILES), default="cpu")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for every run (e.g. backbone.weights=file backbone.path=...)")
     parser.add_argument("--epochs", type=int, help="override the profile's epochs")
+    parser.add_argument("--memory-only", action="store_true", help="every fine-tuning run stops after 4 steps")
     args = parser.parse_args()
     p = {**PROFILES[args.profile], **({"epochs": args.epochs} if args.epochs else {})}
+    if args.memory_only:
+        p["results"] += "_memory"
     p["extra"] = [*p["extra"], *args.extra]
     only = args.strategies or list(STRATEGIES)
     for probe in (LP_PROBE, PROBE):  # first: the baseline, and the head the fine-tuning strategies start from
         if probe not in only:
             only.insert(0, probe)
-    figures: dict = {"profile": args.profile, "resolution": p["img_size"], "subset": json.dumps(p["subset"] or "all 2000 images"),
+    figures: dict = {"profile": args.profile, "memory_only": args.memory_only, "resolution": p["img_size"], "subset": json.dumps(p["subset"] or "all 2000 images"),
                      "epochs": p["epochs"], "batch": p["batch"], "seed": SEED, "extra_overrides": p["extra"]}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -132,17 +140,18 @@ def main() -> None:
             figures["subset_images"] = sum(p["subset"].values())
         manifest = textile_subset_manifest(out / "subset.csv", p["subset"] or {}, seed=SEED)
         for name in only:
-            figures.update(run(name, STRATEGIES[name], manifest, out, p))
+            memory_only = name not in FROZEN and (args.memory_only or name in MEMORY_ONLY)
+            figures.update(run(name, STRATEGIES[name], manifest, out, p, memory_only))
             print({k: v for k, v in figures.items() if k.startswith(name + "/")}, flush=True)
             write_results(p["results"], {**figures, "complete": name == only[-1]})  # partial results survive
-    for lora, full in (("lora_r8", "full"), ("lora_r8_gc", "full"), ("lora_r8_gc", "full_gc")):
+    for lora, full in (("lora_r8", "full"), ("lora_r8_gc", "full"), ("lora_r8_gc", "full_gc"), ("lora_r8_lean", "full_lean")):
         for key in ("peak_rss_mb", "train_memory_mb", "train_peak_gpu_mb"):
             a, b = figures.get(f"{lora}/{key}"), figures.get(f"{full}/{key}")
             if a and b:
                 figures[f"ratio_{key}/{lora}_vs_{full}"] = round(a / b, 3)
-    if "lora_r8/checkpoint_mb" in figures and "full/checkpoint_mb" in figures:
+    if "lora_r8/checkpoint_mb" in figures and "full/checkpoint_mb" in figures and not args.memory_only:
         figures["lora_adapter_ratio_vs_full_ckpt"] = round(figures["lora_r8/checkpoint_mb"] / figures["full/checkpoint_mb"], 4)
-    tuned = [n for n in only if n not in FROZEN and n not in MEMORY_ONLY]
+    tuned = [] if args.memory_only else [n for n in only if n not in FROZEN and n not in MEMORY_ONLY]
     if tuned:
         best = max(tuned, key=lambda n: figures[f"{n}/test_macro_f1"])
         figures["best_strategy"] = best

@@ -4,11 +4,16 @@
 a CPU), the data pipeline and the embedding pass, which every strategy shares. To show what training
 itself costs, the peak is reset when `fit` starts (Linux: writing 5 to /proc/self/clear_refs resets
 VmHWM) and read when it ends.
+
+`lean_host_memory` trades step time for resident memory on glibc (Linux) hosts; see its docstring.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import sys
+import warnings
 from typing import Any
 
 import lightning as L
@@ -43,6 +48,34 @@ def _lifetime_peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_LEAN_MMAP_THRESHOLD = 128 * 1024  # glibc's own initial threshold, here made fixed
+
+
+def lean_host_memory() -> bool:
+    """Make freed tensor memory go back to the operating system, so the resident set follows the
+    tensors alive rather than the heap's high-water mark. Process-wide and permanent; glibc only.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), so after the first
+    step every activation tensor lives in the heap, where freed blocks stay resident and fragment: on a
+    CPU, LoRA then peaks at about the same RSS as full fine-tuning although it stores ~40 % fewer
+    activations. A fixed threshold keeps large tensors in their own mappings, returned on free; each
+    step then pays for fresh pages (~30 % slower steps for DINOv2-S at 224 px on 2 cores, BENCHMARKS.md).
+
+    Returns whether the setting was applied (False, with a warning, on a non-glibc C library).
+    """
+    libc_name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(libc_name)
+        applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, _LEAN_MMAP_THRESHOLD))
+    except (OSError, AttributeError, TypeError):
+        applied = False
+    if not applied:
+        warnings.warn(f"lean_host_memory=true needs glibc's mallopt (found C library: {libc_name}); "
+                      "running with the default allocator.", stacklevel=2)
+    return applied
 
 
 class PeakMemory(L.Callback):

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from vfmtune.checkpoint import AtomicCheckpointIO
 from vfmtune.config import Config, ConfigError, check_kwargs, config_dirs, register_configs, to_container
+from vfmtune.memory import lean_host_memory
 from vfmtune.report import plot_confusion_matrix, plot_curves, plot_per_class, results_table, write_json
 
 
@@ -54,6 +55,8 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path, callbacks: list, **extra: 
     elif cfg["logger"] != "none":
         raise ConfigError(f"logger={cfg['logger']!r} is not one of csv, tensorboard, none.")
     kwargs.setdefault("logger", logger)
+    if cfg["lean_host_memory"]:
+        lean_host_memory()
     return L.Trainer(default_root_dir=run_dir, callbacks=callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
 
 
