@@ -3,7 +3,7 @@ with teacher-labelled unlabelled images, each exported to ONNX fp32 and INT8 and
 
 Run (serialised with the other benchmarks): flock /tmp/vfmtune-bench.lock python bench/distill.py
 
-Budget-driven setup (2 shared CPU cores, < 25 minutes):
+Budget-driven setup (2 shared CPU cores, about 40 minutes):
 - data: a seeded stratified textile subset of 480 images (nominal 240, local 120, global 120), split
   70/10/20 (336/48/96) by the teacher recipe; the students use the teacher's split.
 - unlabelled: the other 1520 textile images (none of them is in the subset, so none is a val/test image),
@@ -38,7 +38,7 @@ from common import textile_subset_manifest, write_results  # noqa: E402
 import os  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"  # pipeline check only: tiny subset, 1 epoch, results not written
-EPOCHS = 1 if QUICK else 10
+EPOCHS = 1 if QUICK else 20
 STUDENT_PX = 160
 KD_ALPHA, KD_T = 0.7, 4.0
 COMMON = ["trainer.enable_progress_bar=false", "data.num_workers=2", "seed=0"]
