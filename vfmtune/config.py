@@ -225,7 +225,7 @@ class Config:
     seed: int = 0
     cache_dir: Optional[str] = None  # default: $VFMTUNE_CACHE or ~/.cache/vfmtune
     # CPU memory for time: freed tensors go back to the OS (glibc), so peak RSS follows live tensors
-    # (LoRA's smaller activation footprint shows up) at ~30 % slower steps; vfmtune.memory.lean_host_memory
+    # (LoRA's smaller activation footprint shows up) for 1.2-1.5x the step time; vfmtune.memory.lean_host_memory
     lean_host_memory: bool = False
     # evaluate / predict
     # evaluate / predict / export-merged: a checkpoint file or a run directory; train: resume from this

@@ -62,7 +62,8 @@ def lean_host_memory() -> bool:
     step every activation tensor lives in the heap, where freed blocks stay resident and fragment: on a
     CPU, LoRA then peaks at about the same RSS as full fine-tuning although it stores ~40 % fewer
     activations. A fixed threshold keeps large tensors in their own mappings, returned on free; each
-    step then pays for fresh pages (~30 % slower steps for DINOv2-S at 224 px on 2 cores, BENCHMARKS.md).
+    step then pays for fresh pages (1.2-1.5x the step time for DINOv2-S at 224 px on 2 cores,
+    `bench/host_memory.py`).
 
     Returns whether the setting was applied (False, with a warning, on a non-glibc C library).
     """
