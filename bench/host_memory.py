@@ -31,16 +31,11 @@ STRATEGIES = ("lora_r8", "full")
 MODES = ("heap", "lean")
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
-
-
 def child(strategy: str, mode: str) -> dict:
     """One process: the figures of `STEPS` training steps."""
     from vfmtune.adapt.lora import apply_lora
     from vfmtune.backbones import create_backbone
-    from vfmtune.memory import lean_host_memory
+    from vfmtune.memory import lean_host_memory, reset_peak_rss, status_mb
 
     if mode == "lean":
         assert lean_host_memory()
@@ -60,12 +55,12 @@ def child(strategy: str, mode: str) -> dict:
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM (Linux)
-    start = _status_mb("VmRSS")
+    assert reset_peak_rss()  # Linux
+    start = status_mb("VmRSS")
     step()  # warm-up (optimizer state), not timed; its memory counts: it is the first training step
     times = [step() for _ in range(STEPS)]
-    return {"step_s": statistics.median(times), "train_memory_mb": _status_mb("VmHWM") - start, "peak_rss_mb": _status_mb("VmHWM")}
+    peak = status_mb("VmHWM")
+    return {"step_s": statistics.median(times), "train_memory_mb": peak - start, "peak_rss_mb": peak}
 
 
 def main() -> None:

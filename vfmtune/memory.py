@@ -23,7 +23,8 @@ from typing_extensions import override
 _STATUS = "/proc/self/status"
 
 
-def _status_mb(field: str) -> float | None:
+def status_mb(field: str) -> float | None:
+    """A /proc/self/status figure in MB (VmRSS: resident now, VmHWM: peak), or None where /proc is missing."""
     try:
         with open(_STATUS) as f:
             for line in f:
@@ -34,7 +35,8 @@ def _status_mb(field: str) -> float | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current resident set (Linux); False where that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -88,15 +90,15 @@ class PeakMemory(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = _status_mb("VmRSS")
-        self._reset = _reset_peak_rss()
+        self._start = status_mb("VmRSS")
+        self._reset = reset_peak_rss()
         self._device = pl_module.device  # at on_fit_end the strategy has already moved the module back
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        peak = _status_mb("VmHWM") if self._reset else None
+        peak = status_mb("VmHWM") if self._reset else None
         self.figures = {
             # Without a reset (not Linux) only the lifetime peak is known.
             "train_peak_rss_mb": round(peak if peak is not None else _lifetime_peak_rss_mb(), 1),
