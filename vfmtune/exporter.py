@@ -304,6 +304,9 @@ def export(
     metrics: dict[str, Any] = {"source_checkpoint": str(config["ckpt"]), "format": fmt, "eval_split": split, "n_eval_images": len(test_paths),
                                "params": sum(p.numel() for p in module.parameters()), f"{split}_accuracy_source": _accuracy(ref, test_labels)}
     repeats = ex["latency_repeats"]
+    # ONNX metadata of the fp32 and INT8 models (read back with get_modelmeta().custom_metadata_map)
+    onnx_meta = {"class_names": model.classes, "input_size": [3, size, size], "mean": policy["mean"], "std": policy["std"],
+                 "preprocessing": policy}
     if fmt == "torchscript":
         path = bundle / "model.pt"
         with torch.inference_mode():
@@ -315,8 +318,7 @@ def export(
     else:
         path = bundle / "model.onnx"
         export_onnx(static_same_padding(copy.deepcopy(module), size), path, size, ex["opset"])  # verified against `module` below
-        _add_metadata(path, {"class_names": model.classes, "input_size": [3, size, size], "mean": policy["mean"], "std": policy["std"],
-                             "preprocessing": policy})
+        _add_metadata(path, onnx_meta)
         session = _session(path)
         got = np.concatenate([_run(session, x) for x in xs])
     check = _compare(ref[:n], got[:n])
@@ -357,8 +359,7 @@ def export(
                 break
         if not passed and len(attempts) == 1:
             print("no dynamic INT8 fallback for this convolutional model (ConvInteger is slower than fp32 on CPU)")
-        _add_metadata(q_path, {"class_names": model.classes, "input_size": [3, size, size], "mean": policy["mean"], "std": policy["std"],
-                               "preprocessing": policy})
+        _add_metadata(q_path, onnx_meta)
         metrics.update({"int8_mode": mode, "int8_max_abs_diff": q_check["max_abs_diff"], "int8_top1_agreement": q_check["top1_agreement"],
                         f"int8_{split}_accuracy": _accuracy(q, test_labels), "int8_accuracy_drop": round(drop, 4),
                         f"int8_{split}_macro_f1": _macro_f1(q, test_labels, len(model.classes))})
