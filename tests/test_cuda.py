@@ -13,7 +13,7 @@ from vfmtune.api import evaluate, load_model, train
 from vfmtune.backbones import create_backbone, data_config
 from vfmtune.config import AugmentConfig
 from vfmtune.data.transforms import build_transforms
-from vfmtune.embed import EmbeddingCache
+from vfmtune.embedding_cache import EmbeddingCache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU = [o for o in TINY if not o.startswith("trainer.accelerator")] + ["trainer.accelerator=gpu", "trainer.devices=1"]

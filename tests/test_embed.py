@@ -13,7 +13,7 @@ from conftest import make_imagefolder
 from vfmtune.backbones import create_backbone, data_config
 from vfmtune.config import AugmentConfig
 from vfmtune.data.transforms import build_transforms
-from vfmtune.embed import EmbeddingCache, model_key
+from vfmtune.embedding_cache import EmbeddingCache, model_key
 
 
 class CountingBackbone(torch.nn.Module):

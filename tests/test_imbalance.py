@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import TINY, make_imagefolder
 from vfmtune.api import load_model
 from vfmtune.cli import main
-from vfmtune.cv import Ensemble
+from vfmtune.folds import Ensemble
 
 COUNTS = {"cat": 40, "dog": 10, "owl": 10}  # 4:1 imbalance; 7 dog / 7 owl images in the training split
 

@@ -30,7 +30,7 @@ from vfmtune.config import Config, ConfigError
 from vfmtune.data.datamodule import ClassificationData, ImageDataset
 from vfmtune.data.images import DataError, load_image
 from vfmtune.data.transforms import build_transforms
-from vfmtune.embed import EmbeddingCache, file_digest, model_key, weights_digest
+from vfmtune.embedding_cache import EmbeddingCache, file_digest, model_key, weights_digest
 from vfmtune.tasks.classifier import Classifier
 from vfmtune.tasks.distiller import UNLABELED, Distiller, resolve_student, student_weights_source
 

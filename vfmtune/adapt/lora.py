@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vfmtune.config import ConfigError
-from vfmtune.embed import weights_digest
+from vfmtune.embedding_cache import weights_digest
 
 # timm's ViT, DINOv2, EVA and SAM encoders all name their layers blocks.N.attn.{qkv,proj} and
 # blocks.N.mlp.{fc1,fc2} (SAM's lin1/lin2 are renamed on load), so one table serves the families.
