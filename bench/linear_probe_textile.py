@@ -1,17 +1,21 @@
 """Linear probe on the textile set: vfmtune's frozen DINOv2-S + head vs scikit-learn's logistic
-regression on the very same cached features and split (the classic linear-probe anchor).
+regression on the very same cached features and split (the classic linear-probe anchor), at each
+input resolution.
 
-Run: python bench/linear_probe_textile.py
-Split: stratified 70/10/20 train/val/test of all 2,000 images (seed 0); 224 px; packaged weights.
+Run: python bench/linear_probe_textile.py [--img-sizes 224 336 448]
+Split: stratified 70/10/20 train/val/test of all 2,000 images (seed 0); packaged weights.
 The sklearn anchor picks C on the validation split, as a fair probe does; vfmtune uses its recipe as is.
+The backbone's forward time per image is measured at every size in one loop, so the ratios compare.
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 
 import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, f1_score
 from sklearn.pipeline import make_pipeline
@@ -19,24 +23,36 @@ from sklearn.preprocessing import StandardScaler
 
 import vfmtune
 from common import write_results
+from vfmtune.backbones import create_backbone
 
-OVERRIDES = ["recipes=dinov2_vits14_frozen_textile", "trainer.enable_progress_bar=false"]
+RECIPE = ["recipes=dinov2_vits14_frozen_textile", "trainer.enable_progress_bar=false"]
 
 
-def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        emb = vfmtune.embed(overrides=OVERRIDES, run_dir=f"{tmp}/embed")  # cache warm-up, shared by both
-        embed_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ours = vfmtune.train(overrides=OVERRIDES, run_dir=f"{tmp}/train")["metrics"]
-        ours_s = time.perf_counter() - t0
+@torch.inference_mode()
+def forward_ms_per_image(sizes: list[int], batch: int = 16, rounds: int = 3) -> dict[int, float]:
+    """Median batch-16 forward time per image, the sizes interleaved so machine load hits all alike."""
+    models = {s: create_backbone("dinov2_vits14", weights="packaged", img_size=s).eval() for s in sizes}
+    times: dict[int, list[float]] = {s: [] for s in sizes}
+    for _ in range(rounds + 1):  # the first round warms up
+        for s, model in models.items():
+            x = torch.randn(batch, 3, s, s)
+            t0 = time.perf_counter()
+            model(x)
+            times[s].append((time.perf_counter() - t0) * 1000 / batch)
+    return {s: float(np.median(t[1:])) for s, t in times.items()}
+
+
+def probe(img_size: int, tmp: str) -> dict[str, float]:
+    overrides = [*RECIPE, f"backbone.img_size={img_size}"]
+    emb = vfmtune.embed(overrides=overrides, run_dir=f"{tmp}/embed_{img_size}")  # cache warm-up, shared by both
+    t0 = time.perf_counter()
+    ours = vfmtune.train(overrides=overrides, run_dir=f"{tmp}/train_{img_size}")["metrics"]
+    ours_s = time.perf_counter() - t0
 
     x = emb["features"].numpy()
     y = np.array(emb["labels"])
     split = np.array(emb["splits"])
     tr, va, te = (split == s for s in ("train", "val", "test"))
-    t0 = time.perf_counter()
     best = None
     for c in (0.01, 0.1, 1.0, 10.0):
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000)).fit(x[tr], y[tr])
@@ -45,25 +61,32 @@ def main() -> None:
             best = (score, c, clf)
     _, c, clf = best
     pred = clf.predict(x[te])
-    sk_s = time.perf_counter() - t0
+    return {
+        "vfmtune.test_macro_f1": round(ours["test/macro_f1"], 4),
+        "vfmtune.test_balanced_accuracy": round(ours["test/balanced_accuracy"], 4),
+        "vfmtune.test_accuracy": round(ours["test/accuracy"], 4),
+        "vfmtune.train_seconds": round(ours_s, 1),
+        "sklearn.test_macro_f1": round(f1_score(y[te], pred, average="macro"), 4),
+        "sklearn.test_balanced_accuracy": round(balanced_accuracy_score(y[te], pred), 4),
+        "sklearn.test_accuracy": round(float((pred == y[te]).mean()), 4),
+        "sklearn.C": c,
+        "n_train": int(tr.sum()), "n_val": int(va.sum()), "n_test": int(te.sum()),
+    }
 
-    write_results(
-        "linear_probe_textile",
-        {
-            "vfmtune.test_macro_f1": round(ours["test/macro_f1"], 4),
-            "vfmtune.test_balanced_accuracy": round(ours["test/balanced_accuracy"], 4),
-            "vfmtune.test_accuracy": round(ours["test/accuracy"], 4),
-            "vfmtune.train_seconds": round(ours_s, 1),
-            "sklearn.test_macro_f1": round(f1_score(y[te], pred, average="macro"), 4),
-            "sklearn.test_balanced_accuracy": round(balanced_accuracy_score(y[te], pred), 4),
-            "sklearn.test_accuracy": round(float((pred == y[te]).mean()), 4),
-            "sklearn.C": c,
-            "sklearn.fit_seconds": round(sk_s, 1),
-            "embed_seconds_first_or_cached": round(embed_s, 1),
-            "n_train": int(tr.sum()), "n_val": int(va.sum()), "n_test": int(te.sum()),
-            "img_size": 224, "backbone": "dinov2_vits14 (packaged)", "split_seed": 0,
-        },
-    )
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--img-sizes", type=int, nargs="+", default=[224, 336, 448])
+    args = parser.parse_args()
+    figures: dict = {"backbone": "dinov2_vits14 (packaged)", "split_seed": 0, "img_sizes": args.img_sizes}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.img_sizes:
+            figures.update({f"px{size}.{k}": v for k, v in probe(size, tmp).items()})
+    ms = forward_ms_per_image(args.img_sizes)
+    for size in args.img_sizes:
+        figures[f"px{size}.forward_ms_per_image"] = round(ms[size], 1)
+        figures[f"px{size}.forward_time_vs_{args.img_sizes[0]}"] = round(ms[size] / ms[args.img_sizes[0]], 2)
+    write_results("linear_probe_textile", figures)
 
 
 if __name__ == "__main__":
