@@ -132,7 +132,9 @@ def main() -> None:
         if QUICK:  # 60 unlabelled images are enough to check the pipeline
             unlabeled.write_text("\n".join(unlabeled.read_text().splitlines()[:61]) + "\n")
         teacher = _run_once(f"{tmp}/teacher", lambda run: vfmtune.train(
-            overrides=["recipes=dinov2_vits14_frozen_textile", f"data.manifest={manifest}", *COMMON], run_dir=run))
+            # 224 px, as in every published run (the recipe itself moved to 448 px later)
+            overrides=["recipes=dinov2_vits14_frozen_textile", "backbone.img_size=224", f"data.manifest={manifest}", *COMMON],
+            run_dir=run))
         figures["teacher.torch_test_macro_f1"] = round(teacher["metrics"]["test/macro_f1"], 4)
         figures["teacher.val_macro_f1"] = round(teacher["metrics"]["val/macro_f1"], 4)
         figures.update(_entries("teacher", _export(f"{tmp}/teacher", f"{tmp}/teacher_export")))

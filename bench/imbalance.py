@@ -1,14 +1,16 @@
 """Imbalance benchmark: losses, balanced sampling and imbalanced-learn resamplers side by side.
 
 Run: flock /tmp/vfmtune-bench.lock python bench/imbalance.py [--seeds 0 1 2] [--methods ce smote ...]
+     [--ratio 20] [--extra backbone.img_size=336 ...] [--results imbalance]
 
 Data: the textile set (nominal / local / global defects), split stratified 70/10/20 (split seed 0)
 exactly as the linear-probe recipe. The TEST split is untouched (200 / 100 / 100). The training and
 validation splits are made harsher: every nominal image is kept and each defect class is subsampled
-to 1/RATIO of the nominal count (train 700 : 35 : 35, val 100 : 5 : 5), a different subsample per
-seed. Model: packaged DINOv2 ViT-S/14 frozen at 224 px, BatchNorm + linear head on the cached
-embeddings (finetune=frozen: 300 epochs, early stopping on val macro-F1). Every method runs with
-the same seeds; the seed drives both the subsample and the training.
+to 1/ratio of the nominal count (20:1 gives train 700 : 35 : 35, val 100 : 5 : 5), a different
+subsample per seed. Model: packaged DINOv2 ViT-S/14 frozen (224 px unless --extra sets
+backbone.img_size), BatchNorm + linear head on the cached embeddings (finetune=frozen: 300 epochs,
+early stopping on val macro-F1). Every method runs with the same seeds; the seed drives both the
+subsample and the training.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from common import write_results
 from vfmtune.data.sources import from_imagefolder, packaged_dataset
 from vfmtune.data.splits import stratified_split
 
-RATIO = 20
 BASE = ["backbone=dinov2_vits14", "finetune=frozen", "trainer.enable_progress_bar=false", "logger=none"]
 METHODS: dict[str, list[str]] = {
     "ce": [],
@@ -46,8 +47,8 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def harsh_manifest(path: Path, seed: int) -> dict[str, dict[str, int]]:
-    """Write a path,label,split manifest: test untouched, train and val subsampled to RATIO:1."""
+def harsh_manifest(path: Path, seed: int, ratio: int) -> dict[str, dict[str, int]]:
+    """Write a path,label,split manifest: test untouched, train and val subsampled to ratio:1."""
     table = from_imagefolder(packaged_dataset("textile"))
     splits = stratified_split(table.labels, 0.1, 0.2, seed=0, classes=table.classes)
     nominal = table.classes.index("nominal")
@@ -58,7 +59,7 @@ def harsh_manifest(path: Path, seed: int) -> dict[str, dict[str, int]]:
             paths = [p for p, y, s in zip(table.paths, table.labels, splits) if y == c and s == split]
             if split != "test" and c != nominal:
                 n_nominal = sum(1 for y, s in zip(table.labels, splits) if y == nominal and s == split)
-                paths = rng.sample(sorted(paths), max(n_nominal // RATIO, 1))
+                paths = rng.sample(sorted(paths), max(n_nominal // ratio, 1))
             rows += [(p, cls, split) for p in paths]
             counts[split][cls] = len(paths)
     with open(path, "w", newline="") as f:
@@ -71,6 +72,7 @@ def harsh_manifest(path: Path, seed: int) -> dict[str, dict[str, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ratio", type=int, default=20, help="nominal : each defect class in train and val")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for every run, e.g. the LoRA repeat: "
                         "finetune=lora trainer.max_epochs=15 early_stopping.enabled=false")
@@ -83,7 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             manifest = Path(tmp) / f"harsh_{seed}.csv"
-            counts = harsh_manifest(manifest, seed)
+            counts = harsh_manifest(manifest, seed, args.ratio)
             for method in args.methods:
                 overrides = [*BASE, f"data.manifest={manifest}", "data.dataset=null", f"seed={seed}", *METHODS[method], *args.extra]
                 keys = {o.split("=")[0] for o in args.extra}  # --extra finetune=lora replaces BASE's finetune=frozen
@@ -95,12 +97,14 @@ def main() -> None:
                 print(f"### {method} seed {seed}: balanced acc {m['test/balanced_accuracy']:.4f} macro-F1 "
                       f"{m['test/macro_f1']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
+    extra = dict(o.split("=", 1) for o in args.extra)
     figures: dict = {
-        "ratio": f"{RATIO}:1 (nominal:local and nominal:global, train and val only; test untouched)",
+        "ratio": f"{args.ratio}:1 (nominal:local and nominal:global, train and val only; test untouched)",
         "seeds": args.seeds,
         "split_counts": counts,
-        "backbone": "dinov2_vits14 (packaged), frozen, 224 px, cached embeddings",
-        "head": "finetune=frozen defaults (BatchNorm + linear, 300 epochs, early stopping on val macro-F1)",
+        "backbone": f"dinov2_vits14 (packaged), {extra.get('backbone.img_size', '224')} px",
+        "finetune": extra.get("finetune", "frozen: cached embeddings, BatchNorm + linear head, 300 epochs, "
+                              "early stopping on val macro-F1"),
         "extra_overrides": args.extra,
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
