@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import write_results  # noqa: E402
+from common import write_results
 
 STEPS, BATCH, PX, ROUNDS = 4, 16, 224, 2
 STRATEGIES = ("lora_r8", "full")

@@ -78,6 +78,7 @@ def main() -> None:
                         "finetune=lora trainer.max_epochs=15 early_stopping.enabled=false")
     parser.add_argument("--results", default="imbalance", help="bench/results/<name>.json")
     args = parser.parse_args()
+    extra = dict(o.split("=", 1) for o in args.extra)  # --extra finetune=lora replaces BASE's finetune=frozen
 
     scores: dict[str, dict[str, list[float]]] = {m: {"ba": [], "f1": []} for m in args.methods}
     counts: dict = {}
@@ -88,8 +89,7 @@ def main() -> None:
             counts = harsh_manifest(manifest, seed, args.ratio)
             for method in args.methods:
                 overrides = [*BASE, f"data.manifest={manifest}", "data.dataset=null", f"seed={seed}", *METHODS[method], *args.extra]
-                keys = {o.split("=")[0] for o in args.extra}  # --extra finetune=lora replaces BASE's finetune=frozen
-                overrides = [o for o in overrides if o in args.extra or o.split("=")[0] not in keys]
+                overrides = [o for o in overrides if o in args.extra or o.split("=")[0] not in extra]
                 t0 = time.perf_counter()
                 m = vfmtune.train(overrides=overrides, run_dir=f"{tmp}/{method}_{seed}")["metrics"]
                 scores[method]["ba"].append(m["test/balanced_accuracy"])
@@ -97,7 +97,6 @@ def main() -> None:
                 print(f"### {method} seed {seed}: balanced acc {m['test/balanced_accuracy']:.4f} macro-F1 "
                       f"{m['test/macro_f1']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    extra = dict(o.split("=", 1) for o in args.extra)
     figures: dict = {
         "ratio": f"{args.ratio}:1 (nominal:local and nominal:global, train and val only; test untouched)",
         "seeds": args.seeds,

@@ -25,13 +25,13 @@ from vfmtune.adapt.lora import load_adapter, merge_lora, save_adapter
 from vfmtune.adapt.progressive import progressive_callback
 from vfmtune.checkpoint import atomic_torch_save, load_checkpoint, resolve_checkpoint
 from vfmtune.config import Config, ConfigError, safe_instantiate
-from vfmtune.folds import Ensemble, aggregate, fold_checkpoints, fold_splits, is_cv_run, make_folds, save_folds
 from vfmtune.data.datamodule import ClassificationData, ImageDataset
 from vfmtune.data.images import DataError
 from vfmtune.data.prepare import SPLITS, Prepared, cache_root, list_images, prepare_data, scan_or_skip, train_class_counts
 from vfmtune.data.splits import save_splits
 from vfmtune.data.transforms import build_transforms
 from vfmtune.embedding_cache import EmbeddingCache, model_key, weights_digest
+from vfmtune.folds import Ensemble, aggregate, fold_checkpoints, fold_splits, is_cv_run, make_folds, save_folds
 from vfmtune.memory import PeakMemory
 from vfmtune.report import write_json
 from vfmtune.rng import RNGState
