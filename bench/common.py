@@ -20,7 +20,7 @@ def write_results(name: str, figures: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     data = {
         **figures,
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),

@@ -32,10 +32,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import vfmtune  # noqa: E402
-from common import textile_subset_manifest, write_results  # noqa: E402
+import os
 
-import os  # noqa: E402
+from common import textile_subset_manifest, write_results
+
+import vfmtune
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"  # pipeline check only: tiny subset, 1 epoch, results not written
 EPOCHS = 1 if QUICK else 20
@@ -141,10 +142,10 @@ def main() -> None:
         for name, (alias, extra) in STUDENTS.items():
             for loss, kd in LOSSES.items():
                 run = f"{tmp}/{name}_{loss}"
-                r = _run_once(run, lambda run: vfmtune.distill(overrides=[
-                    f"teacher={tmp}/teacher", f"student={alias}", f"distill.img_size={STUDENT_PX}", "data.augment.enabled=false",
-                    f"trainer.max_epochs={EPOCHS}", "early_stopping.enabled=false", f"data.batch_size={STUDENT_BATCH}", *extra,
-                    *(o.format(unlabeled=unlabeled) for o in kd), *COMMON], run_dir=run))
+                args = [f"teacher={tmp}/teacher", f"student={alias}", f"distill.img_size={STUDENT_PX}", "data.augment.enabled=false",
+                        f"trainer.max_epochs={EPOCHS}", "early_stopping.enabled=false", f"data.batch_size={STUDENT_BATCH}", *extra,
+                        *(o.format(unlabeled=unlabeled) for o in kd), *COMMON]
+                r = _run_once(run, lambda run, args=args: vfmtune.distill(overrides=args, run_dir=run))
                 figures[f"{name}_{loss}.train_seconds"] = r["seconds"]
                 figures[f"{name}_{loss}.torch_test_macro_f1"] = round(r["metrics"]["test/macro_f1"], 4)
                 figures[f"{name}_{loss}.val_macro_f1"] = round(r["metrics"]["val/macro_f1"], 4)
@@ -154,7 +155,7 @@ def main() -> None:
 
     t = figures
     # The best student is chosen on the validation split (ties: fewer parameters), then scored on test.
-    students = [f"{n}_{l}" for n in STUDENTS for l in LOSSES]
+    students = [f"{n}_{loss}" for n in STUDENTS for loss in LOSSES]
     best = max(students, key=lambda m: (t[f"{m}.val_macro_f1"], -t[f"{m}.params"]))
     figures["target.best_student"] = best
     figures["target.best_student_f1_ratio"] = round(t[f"{best}.test_macro_f1"] / t["teacher.test_macro_f1"], 3)
@@ -162,7 +163,7 @@ def main() -> None:
     for name in STUDENTS:
         for loss in ("kd", "kd_unlabeled"):
             figures[f"target.{name}_{loss}_minus_ce_f1"] = round(t[f"{name}_{loss}.test_macro_f1"] - t[f"{name}_ce.test_macro_f1"], 4)
-    for model in ["teacher"] + [f"{n}_{l}" for n in STUDENTS for l in LOSSES]:
+    for model in ["teacher", *students]:
         figures[f"target.{model}_int8_f1_drop_points"] = round(100 * (t[f"{model}.test_macro_f1"] - t[f"{model}_int8.test_macro_f1"]), 2)
         figures[f"target.{model}_int8_speedup_b32"] = round(t[f"{model}.latency_ms_b32"] / t[f"{model}_int8.latency_ms_b32"], 2)
     figures.update({"subset": "textile nominal 240 / local 120 / global 120, split 70/10/20 (seed 0)",

@@ -20,12 +20,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import write_results  # noqa: E402
+from common import write_results
 
-from vfmtune.api import load_model  # noqa: E402
-from vfmtune.data.prepare import prepare_data  # noqa: E402
-from vfmtune.data.transforms import build_transforms  # noqa: E402
-from vfmtune.exporter import _accuracy, _batches, _Calibration, _macro_f1, _run, _session, inference_module, paired_latency_ms  # noqa: E402
+from vfmtune.data.prepare import prepare_data
+from vfmtune.data.transforms import build_transforms
+from vfmtune.exporter import _accuracy, _batches, _Calibration, _macro_f1, _run, _session, inference_module, paired_latency_ms
+from vfmtune.loading import load_model
 
 
 def settings(graph) -> dict[str, dict]:

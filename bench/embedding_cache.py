@@ -12,8 +12,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import vfmtune
 from common import textile_subset_manifest, write_results
+
+import vfmtune
 
 EPOCHS = 3
 

@@ -18,8 +18,8 @@ from common import write_results
 from torch.utils.data import DataLoader, TensorDataset
 
 from vfmtune.backbones import create_backbone
-from vfmtune.config import to_container
-from vfmtune.runner import build_trainer, load_config
+from vfmtune.config import load_config, to_container
+from vfmtune.run import build_trainer
 from vfmtune.tasks.classifier import Classifier
 
 BATCH, WARMUP, TIMED, PX = 64, 5, 30, 224

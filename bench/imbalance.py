@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_results
 
 import vfmtune
-from common import write_results
 from vfmtune.data.sources import from_imagefolder, packaged_dataset
 from vfmtune.data.splits import stratified_split
 

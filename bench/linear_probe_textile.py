@@ -16,13 +16,13 @@ import time
 
 import numpy as np
 import torch
+from common import write_results
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import vfmtune
-from common import write_results
 from vfmtune.backbones import create_backbone
 
 RECIPE = ["recipes=dinov2_vits14_frozen_textile", "trainer.enable_progress_bar=false"]

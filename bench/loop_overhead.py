@@ -16,11 +16,11 @@ import time
 
 import lightning as L
 import torch
+from common import write_results
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import write_results
-from vfmtune.runner import build_trainer, load_config
-from vfmtune.config import to_container
+from vfmtune.config import load_config, to_container
+from vfmtune.run import build_trainer
 from vfmtune.tasks.classifier import Classifier
 
 BATCH, STEPS, WARMUP, ROUNDS = 16, 16, 3, 9
@@ -46,11 +46,11 @@ class StepTimer(L.Callback):
     def __init__(self) -> None:
         self.t0 = self.t1 = 0.0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == WARMUP:
             self.t0 = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.t1 = time.perf_counter()
 
 

@@ -67,3 +67,18 @@ def distill_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     main(["distill", *TINY, *TINY_STUDENT, f"teacher={base / 'teacher'}", "kd.feature_weight=0.5",
           f"hydra.run.dir={base / 'student'}"])
     return {"images": images, "teacher": base / "teacher", "student": base / "student"}
+
+
+def section(key: str, /, **values: object) -> object:
+    """One typed config section from plain values, validated like a composed config (enums, types)."""
+    from vfmtune.config import typed
+
+    return getattr(typed({key: values}), key)
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header (predictions, splits, manifests)."""
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

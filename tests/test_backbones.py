@@ -148,6 +148,7 @@ def test_create_backbone__unknown_source_and_cnn_img_size() -> None:
     assert _features(cnn, 96).shape == (2, 512)
 
 
+@pytest.mark.slow
 def test_create_backbone__meta_dinov2_layout(tmp_path: Path) -> None:
     # Meta's dinov2_vits14_pretrain.pth uses timm's key names plus a mask_token, at the 37x37 grid.
     source = timm.create_model("vit_small_patch14_dinov2", num_classes=0).eval()

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from vfmtune.adapt.freeze import apply_finetune, block_groups, param_table
-from vfmtune.api import load_config
 from vfmtune.backbones import create_backbone
-from vfmtune.config import ConfigError, to_container
-from vfmtune.tasks.classifier import Classifier, cosine_with_warmup
+from vfmtune.config import ConfigError, load_config, to_container
+from vfmtune.optim import cosine_with_warmup
+from vfmtune.tasks.classifier import Classifier
 
 
 def tiny_config(*overrides: str) -> dict:
@@ -86,7 +86,7 @@ def test_optimizer__no_decay_on_norms_biases_tokens_and_lower_backbone_lr() -> N
     for group in opt.param_groups:
         group_names = [names[id(p)] for p in group["params"]]
         if group["weight_decay"] > 0:
-            assert not any(n.endswith(".bias") or "norm" in n or n.endswith(("pos_embed", "cls_token")) for n in group_names)
+            assert not any("norm" in n or n.endswith((".bias", "pos_embed", "cls_token")) for n in group_names)
         in_backbone = {n.startswith("backbone.") for n in group_names}
         assert len(in_backbone) == 1
         assert group["lr"] == pytest.approx(0.001 if in_backbone == {True} else 0.01)
@@ -112,7 +112,8 @@ def test_head_types() -> None:
 def test_frozen_batchnorm__statistics_unchanged_by_training(tmp_path, mode: str) -> None:
     # Lightning never calls train() at fit start; the frozen parts must still be in eval mode from the first step.
     from conftest import TINY, make_imagefolder
-    from vfmtune.api import train
+
+    from vfmtune.commands.train import train
 
     images = make_imagefolder(tmp_path / "img", {"cat": 12, "dog": 12})
     run = train(overrides=[*TINY, "backbone.name=timm/test_efficientnet", f"data.root={images}", f"finetune={mode}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -10,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, read_rows
 from PIL import Image
 
-from conftest import TINY
 from vfmtune.cli import main
 
 
@@ -76,7 +75,7 @@ def test_predict__writes_probabilities_csv(trained: tuple[Path, Path], tmp_path:
     images, run = trained
     out = tmp_path / "pred"
     run_cli("predict", f"ckpt={run}", f"images={images / 'owl'}", "trainer.enable_progress_bar=false", f"hydra.run.dir={out}")
-    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    rows = read_rows(out / "predictions.csv")
     assert len(rows) == 30
     assert set(rows[0]) == {"path", "class", "p_cat", "p_dog", "p_owl"}
     assert all(abs(sum(float(r[f"p_{c}"]) for c in ("cat", "dog", "owl")) - 1) < 1e-4 for r in rows)
@@ -128,8 +127,22 @@ def test_unknown_backbone_alias__lists_aliases(imagefolder: Path, tmp_path: Path
     assert "dinov2_vits14" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["finetune.mode=lorra"], "'lorra', expected one of [frozen, last_blocks, full, progressive, lora]"),
+     (["teacher=runs/x"], "Unknown key 'teacher'. Valid keys at the top level: backbone")],
+    ids=["enum_value", "other_commands_key"],
+)
+def test_bad_override__one_line_with_valid_choices(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run_cli("train", *TINY, *args, f"hydra.run.dir={tmp_path}")
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_multirun__one_run_dir_per_job(imagefolder: Path, tmp_path: Path) -> None:
-    run_cli("train", "-m", *TINY, f"data.root={imagefolder}", "optim.lr=0.01,0.001", f"hydra.sweep.dir={tmp_path}")
+    # a config-group sweep (checked with its first option before Hydra launches a job per option)
+    run_cli("train", "-m", *TINY, f"data.root={imagefolder}", "optim=adamw,sgd", "optim.lr=0.01", f"hydra.sweep.dir={tmp_path}")
     assert sorted(p.name for p in tmp_path.iterdir() if (p / "metrics.json").is_file()) == ["0", "1"]
 
 

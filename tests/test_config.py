@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from vfmtune.api import load_config
-from vfmtune.config import ConfigError, config_dirs, safe_instantiate, to_container
+from vfmtune.config import ConfigError, config_dirs, load_config, safe_instantiate, to_container, typed
 from vfmtune.tasks.classifier import Classifier
+from vfmtune.tasks.distiller import Distiller
 
 CONF, BASE = config_dirs()
 GROUP_FILES = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
@@ -44,9 +45,26 @@ def test_recipe__composes_builds_and_starts_with_its_command(recipe: str) -> Non
     text = (BASE / "recipes" / f"{recipe}.yaml").read_text().splitlines()
     assert text[0] == "# @package _global_"
     assert text[1].startswith("# vfmtune ") and f"recipes={recipe}" in text[1]
-    config = to_container(load_config(f"recipes={recipe}"))
+    command = text[1].split()[2]  # the recipe composes with its own command's schema
+    config = to_container(load_config(f"recipes={recipe}", command=command))
     config["backbone"].update(name="timm/test_vit", weights="none", img_size=64)
-    Classifier(config, ["a", "b", "c"])
+    if command == "distill":
+        config["distill"]["weights"] = "none"
+        model = Distiller(config, ["a", "b", "c"], teacher_info={"dim": 64, "img_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3})
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+    else:
+        Classifier(config, ["a", "b", "c"])
+
+
+def test_command_schemas__reject_other_commands_keys() -> None:
+    with pytest.raises(Exception, match="teacher"):
+        load_config("teacher=runs/x")  # a distill key is not a train key
+    assert load_config("teacher=runs/x", command="distill").teacher == "runs/x"
+
+
+def test_enum_fields__invalid_value_lists_valid_ones() -> None:
+    with pytest.raises(ConfigError, match="frozen.*lora"):
+        typed({"finetune": {"mode": "loraa"}})
 
 
 @pytest.mark.parametrize(

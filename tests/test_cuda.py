@@ -7,15 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, TINY_STUDENT, make_imagefolder
-from vfmtune.api import evaluate, load_model, train
+
 from vfmtune.backbones import create_backbone, data_config
+from vfmtune.commands.evaluate import evaluate
+from vfmtune.commands.train import train
 from vfmtune.config import AugmentConfig
 from vfmtune.data.transforms import build_transforms
 from vfmtune.embedding_cache import EmbeddingCache
+from vfmtune.loading import load_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GPU = [o for o in TINY if not o.startswith("trainer.accelerator")] + ["trainer.accelerator=gpu", "trainer.devices=1"]
 
 
@@ -51,8 +53,8 @@ def test_cuda__embedding_cache_on_gpu_matches_cpu(images: Path, tmp_path: Path) 
 
 
 def test_cuda__frozen_run_embeds_on_gpu_and_distils(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from vfmtune.distill_api import distill
-    from vfmtune.exporter import export
+    from vfmtune.commands.distill import distill
+    from vfmtune.commands.export import export
 
     teacher = train(overrides=[*GPU, f"data.root={images}", "trainer.precision=bf16-mixed"], run_dir=tmp_path / "teacher")
     student = distill(overrides=[*GPU, *TINY_STUDENT, f"teacher={teacher['run_dir']}", "trainer.precision=bf16-mixed",

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, make_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Every strategy: progressive with layer decay, LoRA with layer decay plus progressive unfreezing of the
 # last block, the frozen head on cached embeddings (a TensorDataset split across ranks), and full
 # fine-tuning with gradient checkpointing (last_blocks is full fine-tuning of fewer parameters).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "strategy, n_trainable_sets",
     [

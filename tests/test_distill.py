@@ -3,7 +3,6 @@ pseudo-labelling, packaged EfficientNet-Lite0 weights, and clear errors for bad 
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -11,18 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, TINY_STUDENT, make_imagefolder, read_rows
 
-from conftest import TINY, TINY_STUDENT, make_imagefolder
-from vfmtune.api import load_config, load_model
 from vfmtune.cli import main
-from vfmtune.config import ConfigError, to_container
+from vfmtune.commands.distill import distill
+from vfmtune.commands.pseudo_label import pseudo_label
+from vfmtune.config import ConfigError, load_config, to_container
 from vfmtune.data.images import DataError
-from vfmtune.distill_api import distill, pseudo_label
+from vfmtune.loading import load_model
 from vfmtune.tasks.distiller import STUDENTS, Distiller, resolve_student
 
 
 def student_config(*overrides: str) -> dict:
-    return to_container(load_config(*TINY, *TINY_STUDENT, *overrides))
+    return to_container(load_config(*TINY, *TINY_STUDENT, *overrides, command="distill"))
 
 
 def test_distill__cli_run_holds_student_only_and_metrics(distill_runs: dict[str, Path]) -> None:
@@ -79,7 +79,7 @@ def test_unlabeled__train_only_and_val_test_overlap_refused(distill_runs: dict[s
     args = [*TINY, *TINY_STUDENT, f"teacher={distill_runs['teacher']}", "trainer.max_epochs=1"]
     distill(overrides=[*args, f"data.unlabeled={extra}"], run_dir=tmp_path / "run")
     assert "8 unlabelled images added to training" in capsys.readouterr().out
-    splits = list(csv.DictReader(open(tmp_path / "run" / "splits.csv")))
+    splits = read_rows(tmp_path / "run" / "splits.csv")
     test_image = next(r["path"] for r in splits if r["split"] == "test")
     shutil.copy(test_image, extra / "cat" / "leak.png")
     with pytest.raises(DataError, match="also validation/test images"):
@@ -89,13 +89,13 @@ def test_unlabeled__train_only_and_val_test_overlap_refused(distill_runs: dict[s
 def test_pseudo_label__manifest_threshold_and_refused_for_evaluation(distill_runs: dict[str, Path], tmp_path: Path) -> None:
     teacher, images = distill_runs["teacher"], distill_runs["images"]
     r = pseudo_label(overrides=[*TINY, f"teacher={teacher}", f"images={images}"], run_dir=tmp_path / "all")
-    rows = list(csv.DictReader(open(r["manifest"])))
+    rows = read_rows(r["manifest"])
     assert r["n_labelled"] == r["n_images"] == 60 and set(rows[0]) == {"path", "label", "confidence"}
     assert {row["label"] for row in rows} <= {"cat", "dog", "owl"}
     confs = sorted(float(row["confidence"]) for row in rows)
     cut = confs[len(confs) // 2]
     strict = pseudo_label(overrides=[*TINY, f"teacher={teacher}", f"images={images}", f"pseudo_label.threshold={cut}"], run_dir=tmp_path / "strict")
-    kept = [float(row["confidence"]) for row in csv.DictReader(open(strict["manifest"]))]
+    kept = [float(row["confidence"]) for row in read_rows(strict["manifest"])]
     assert 0 < strict["n_labelled"] == len(kept) < 60 and min(kept) >= cut - 1e-6
     with pytest.raises(DataError, match="teacher-labelled"):
         distill(overrides=[*TINY, *TINY_STUDENT, f"teacher={teacher}", f"data.manifest={r['manifest']}"], run_dir=tmp_path / "x")
@@ -145,8 +145,16 @@ def test_packaged_efficientnet_lite0__loads_imagenet_weights() -> None:
     assert data_config(model)["mean"] == (0.5, 0.5, 0.5)
 
 
-def test_evaluate_student_checkpoint__points_to_export(distill_runs: dict[str, Path], tmp_path: Path) -> None:
-    from vfmtune.api import evaluate
+def test_evaluate_and_predict_student__like_a_classifier(distill_runs: dict[str, Path], tmp_path: Path) -> None:
+    # The task registry gives a student its own evaluation (its input size and normalisation).
+    from vfmtune.commands.evaluate import evaluate
+    from vfmtune.commands.predict import predict
 
-    with pytest.raises(ConfigError, match="distilled student.*vfmtune export"):
-        evaluate(overrides=[f"ckpt={distill_runs['student']}"], run_dir=tmp_path)
+    run = distill_runs["student"]
+    scored = evaluate(overrides=[f"ckpt={run}", "trainer.enable_progress_bar=false"], run_dir=tmp_path / "eval")["metrics"]
+    trained = json.loads((run / "metrics.json").read_text())
+    assert scored["test/macro_f1"] == pytest.approx(trained["test/macro_f1"])
+    assert scored["test/confusion_matrix"] == trained["test/confusion_matrix"]
+    out = predict(overrides=[f"ckpt={run}", f"images={distill_runs['images'] / 'owl'}"], run_dir=tmp_path / "pred")
+    rows = read_rows(out["predictions"])
+    assert len(rows) == 20 and {r["class"] for r in rows} <= {"cat", "dog", "owl"}

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_imagefolder
 from PIL import Image
 
-from conftest import make_imagefolder
 from vfmtune.backbones import create_backbone, data_config
 from vfmtune.config import AugmentConfig
 from vfmtune.data.transforms import build_transforms

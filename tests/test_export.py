@@ -12,11 +12,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from vfmtune.api import load_model
 from vfmtune.cli import main
-from vfmtune.exporter import (
-    ExportError, conv_dominated, export, export_onnx, fold_feature_norm, paired_latency_ms, static_same_padding,
-)
+from vfmtune.commands.export import export
+from vfmtune.exporter import ExportError, conv_dominated, export_onnx, paired_latency_ms, static_same_padding
+from vfmtune.loading import load_model
+from vfmtune.tasks.classify import fold_feature_norm
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_export__op_onnx_cannot_express__clear_error(tmp_path: Path) -> None:
         export_onnx(_Eigen(), tmp_path / "m.onnx", size=8, opset=18)
 
 
-@pytest.mark.parametrize(("args", "message"), [(["format=tflite"], "format='tflite'"), (["format=torchscript", "quantize=int8"], "quantize")])
+@pytest.mark.parametrize(("args", "message"), [(["format=tflite"], "'tflite'.*onnx, torchscript"), (["format=torchscript", "quantize=int8"], "quantize")])
 def test_export__bad_options(distill_runs: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         export(overrides=[f"ckpt={distill_runs['student']}", *args], run_dir=tmp_path)
@@ -146,7 +146,8 @@ print(json.dumps([r["label"] for r in rows]))
 def test_runtime__torch_blocked_matches_source_top1(bundles: dict[str, Path], distill_runs: dict[str, Path], which: str) -> None:
     from vfmtune.data.images import load_image
     from vfmtune.data.transforms import build_transforms
-    from vfmtune.exporter import inference_module
+    from vfmtune.loading import model_task
+    from vfmtune.tasks import get_task
 
     images = sorted(str(p) for p in distill_runs["images"].rglob("*.png"))[::6]
     out = subprocess.run([sys.executable, "-c", RUNTIME_SCRIPT, str(bundles[which]), *images], capture_output=True, text=True,
@@ -154,7 +155,7 @@ def test_runtime__torch_blocked_matches_source_top1(bundles: dict[str, Path], di
     assert out.returncode == 0, out.stderr
     labels = json.loads(out.stdout.strip().splitlines()[-1])
     model = load_model(distill_runs[which])
-    module, dcfg = inference_module(model)
+    module, dcfg = get_task(model_task(model)).inference(model)
     _, eval_tf = build_transforms(dcfg, {"enabled": False})
     with torch.inference_mode():
         source = module(torch.stack([eval_tf(load_image(p)) for p in images])).argmax(-1).tolist()

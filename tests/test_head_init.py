@@ -7,10 +7,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import TINY
-from vfmtune.api import load_config, train
-from vfmtune.config import ConfigError, to_container
+
+from vfmtune.commands.train import train
+from vfmtune.config import ConfigError, load_config, to_container
 from vfmtune.tasks.classifier import Classifier
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, make_imagefolder, read_rows
 from PIL import Image
 
-from conftest import TINY, make_imagefolder
-from vfmtune.api import load_model
 from vfmtune.cli import main
-from vfmtune.folds import Ensemble
+from vfmtune.loading import load_model
+from vfmtune.tasks.ensemble import Ensemble
 
 COUNTS = {"cat": 40, "dog": 10, "owl": 10}  # 4:1 imbalance; 7 dog / 7 owl images in the training split
 
@@ -28,7 +28,7 @@ def skewed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def split_counts(run: Path) -> dict[str, Counter]:
-    rows = list(csv.DictReader(open(run / "splits.csv")))
+    rows = read_rows(run / "splits.csv")
     return {s: Counter(r["label"] for r in rows if r["split"] == s) for s in ("train", "val", "test")}
 
 
@@ -73,7 +73,7 @@ def _manifest_without_owl_in_train(tmp_path: Path, images: Path) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "split"])
-        for cls, n in COUNTS.items():
+        for cls in COUNTS:
             for i, p in enumerate(sorted((images / cls).iterdir())):
                 w.writerow([p, cls, ("val", "test")[i % 2] if cls == "owl" else ("train", "train", "val", "test")[i % 4]])
     return path
@@ -106,14 +106,14 @@ def test_bad_input__clear_error_before_training(
 def test_cv__folds_mean_std_and_ensemble_for_evaluate_and_predict(skewed: Path, tmp_path: Path) -> None:
     run = tmp_path / "cv"
     main(["cv", *TINY, f"data.root={skewed}", "folds=3", "trainer.max_epochs=3", f"hydra.run.dir={run}"])
-    folds = list(csv.DictReader(open(run / "folds.csv")))
+    folds = read_rows(run / "folds.csv")
     test_rows = {r["path"] for r in folds if r["fold"] == "test"}
     per_fold = Counter((r["fold"], r["label"]) for r in folds if r["fold"] != "test")
     for cls in COUNTS:  # stratified: every fold holds about a third of every class
         sizes = [per_fold[(str(k), cls)] for k in range(3)]
         assert max(sizes) - min(sizes) <= 1
     for k in range(3):
-        rows = list(csv.DictReader(open(run / f"fold_{k}" / "splits.csv")))
+        rows = read_rows(run / f"fold_{k}" / "splits.csv")
         assert {r["path"] for r in rows if r["split"] == "test"} == test_rows  # test held out of every fold
         assert {r["path"] for r in rows if r["split"] == "val"} == {r["path"] for r in folds if r["fold"] == str(k)}
         assert (run / f"fold_{k}" / "checkpoints" / "best.ckpt").is_file()
@@ -125,16 +125,17 @@ def test_cv__folds_mean_std_and_ensemble_for_evaluate_and_predict(skewed: Path, 
     assert (run / "plots" / "per_class_test.png").is_file()
 
     model = load_model(run)
-    assert isinstance(model, Ensemble) and len(model.members) == 3 and model.shared_backbone
+    assert isinstance(model, Ensemble) and len(model.members) == 3 and model.head is not None
     main(["evaluate", f"ckpt={run}", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'eval'}"])
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["test/confusion_matrix"] == metrics["ensemble/test/confusion_matrix"]
     main(["predict", f"ckpt={run}", f"images={skewed / 'owl'}", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'pred'}"])
-    rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    rows = read_rows(tmp_path / "pred" / "predictions.csv")
     assert len(rows) == COUNTS["owl"]
     assert all(abs(sum(float(r[f"p_{c}"]) for c in COUNTS) - 1) < 1e-4 for r in rows)
 
 
+@pytest.mark.slow
 def test_ddp__two_cpu_processes_balanced_sampler_through_cli(skewed: Path, tmp_path: Path) -> None:
     # Lightning's DDP launcher re-executes the CLI for rank 1; the CLI must hand it its command.
     run = tmp_path / "ddp"

@@ -7,12 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY
-from vfmtune.adapt.lora import load_adapter, merge_lora
-from vfmtune.api import evaluate, export_merged, load_config, load_model, train
-from vfmtune.config import ConfigError, to_container
+
+from vfmtune.adapt.lora import merge_lora
+from vfmtune.commands.evaluate import evaluate
+from vfmtune.commands.merge import export_merged
+from vfmtune.commands.train import train
+from vfmtune.config import ConfigError, load_config, to_container
+from vfmtune.loading import load_model
 from vfmtune.tasks.classifier import Classifier
+from vfmtune.tasks.classify import load_adapter_run as load_adapter
 
 
 def lora_model(*overrides: str) -> Classifier:

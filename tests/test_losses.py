@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import section
 from sklearn.utils.class_weight import compute_class_weight
 
 from vfmtune.config import ConfigError
@@ -44,7 +45,7 @@ def test_class_weights__bad_input__clear_error(scheme: object, message: str) -> 
 
 
 def test_weighted_ce__explicit_list_is_used() -> None:
-    loss = build_loss({"name": "weighted_ce", "class_weights": [1.0, 5.0, 5.0], "label_smoothing": 0.0}, COUNTS)
+    loss = build_loss(section("loss", name="weighted_ce", class_weights=[1.0, 5.0, 5.0]), COUNTS)
     expected = F.cross_entropy(LOGITS, TARGET, weight=torch.tensor([1.0, 5.0, 5.0]))
     assert loss(LOGITS, TARGET).item() == pytest.approx(expected.item())
 
@@ -70,7 +71,7 @@ def test_focal__down_weights_easy_examples() -> None:
 
 
 def test_logit_adjustment__adds_tau_log_prior() -> None:
-    loss = build_loss({"name": "ce", "label_smoothing": 0.0, "logit_adjust_tau": 1.5}, COUNTS)
+    loss = build_loss(section("loss", name="ce", logit_adjust_tau=1.5), COUNTS)
     assert isinstance(loss, LogitAdjustedLoss)
     prior = torch.tensor(COUNTS, dtype=torch.float32) / sum(COUNTS)
     expected = F.cross_entropy(LOGITS + 1.5 * prior.log(), TARGET)
@@ -80,7 +81,7 @@ def test_logit_adjustment__adds_tau_log_prior() -> None:
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
-        ({"name": "dice"}, "loss.name='dice' is not one of ce, weighted_ce, focal"),
+        ({"name": "dice"}, r"'dice', expected one of \[ce, weighted_ce, focal\]"),
         ({"name": "focal", "gamma": -1.0}, "loss.gamma=-1.0 must be >= 0"),
         ({"name": "ce", "label_smoothing": 1.0}, "loss.label_smoothing=1.0 is out of range"),
         ({"name": "focal", "alpha": [1.0]}, "loss.alpha has 1 values but the data has 3 classes"),
@@ -88,4 +89,4 @@ def test_logit_adjustment__adds_tau_log_prior() -> None:
 )
 def test_build_loss__bad_config__clear_error(cfg: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        build_loss({"label_smoothing": 0.0, **cfg}, COUNTS)
+        build_loss(section("loss", **cfg), COUNTS)

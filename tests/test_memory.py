@@ -10,9 +10,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import TINY
-from vfmtune.api import train
+
+from vfmtune.commands.train import train
 
 
 class Allocates(L.Callback):
@@ -52,6 +52,7 @@ print(status_mb("VmRSS") - base)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt and /proc: Linux")
+@pytest.mark.slow
 def test_lean_host_memory__freed_tensors_leave_the_resident_set() -> None:
     held = {mode: float(subprocess.run([sys.executable, "-c", _FRAGMENT, mode], capture_output=True, text=True, check=True).stdout)
             for mode in ("default", "lean")}
@@ -59,6 +60,7 @@ def test_lean_host_memory__freed_tensors_leave_the_resident_set() -> None:
     assert held["lean"] < 230 < 350 < held["default"], held
 
 
+@pytest.mark.slow
 def test_lean_host_memory__a_training_run_applies_it(imagefolder: Path, tmp_path: Path) -> None:
     """`lean_host_memory=true` in a real (tiny) run: afterwards the process returns freed tensors to the OS."""
     run = f"import sys, vfmtune; vfmtune.train(overrides=sys.argv[2:], run_dir={str(tmp_path)!r})\n" + _FRAGMENT

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, make_imagefolder
+
 from vfmtune.adapt.freeze import named_groups, param_table
 from vfmtune.adapt.progressive import resolve_schedule
-from vfmtune.api import load_config, train
-from vfmtune.config import ConfigError, to_container
+from vfmtune.commands.train import train
+from vfmtune.config import ConfigError, load_config, to_container
 from vfmtune.tasks.classifier import Classifier
 
 
@@ -30,7 +30,7 @@ def tiny_model(*overrides: str) -> Classifier:
 )
 def test_resolve_schedule__readable_forms(overrides: list[str], expected: dict) -> None:
     model = tiny_model("finetune=progressive", *overrides)
-    assert resolve_schedule(model.config["finetune"], model.backbone) == expected
+    assert resolve_schedule(model.config.finetune, model.backbone) == expected
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,7 @@ def test_bad_schedule__config_error_before_training(imagefolder: Path, tmp_path:
 def test_bad_schedule__already_trainable_by_mode() -> None:
     model = tiny_model("finetune=last_blocks", "finetune.n_blocks=1", "finetune.schedule={2: blocks.5}")
     with pytest.raises(ConfigError, match="'blocks.5' is already trainable"):
-        resolve_schedule(model.config["finetune"], model.backbone)
+        resolve_schedule(model.config.finetune, model.backbone)
 
 
 def test_layer_decay__lr_by_depth_from_timm_groups() -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import TINY, make_imagefolder
-from vfmtune.api import train
+
+from vfmtune.commands.distill import distill
+from vfmtune.commands.train import train
 
 
 class StopAfter(L.Callback):
@@ -55,6 +56,23 @@ def test_resume__equals_uninterrupted_run(tmp_path: Path, strategy: list[str]) -
 
     assert resumed.trainable == whole.trainable
     assert [g[0] for g in resumed.groups] == [g[0] for g in whole.groups]
+    assert [g[1] for g in resumed.groups] == pytest.approx([g[1] for g in whole.groups], rel=1e-9)
+    assert resumed.weights.keys() == whole.weights.keys()
+    for key, value in whole.weights.items():
+        torch.testing.assert_close(resumed.weights[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_distill_resume__equals_uninterrupted_run(distill_runs: dict[str, Path], tmp_path: Path) -> None:
+    # Augmented views (the teacher runs on every batch) and shuffling: the RNG state must come back too.
+    overrides = [*TINY, "student=timm/test_efficientnet", "distill.weights=none", f"teacher={distill_runs['teacher']}",
+                 "kd.feature_weight=0.5", "trainer.max_epochs=3", "early_stopping.enabled=false", "sched.warmup_epochs=1"]
+    whole, resumed = Snapshot(), Snapshot()
+    distill(overrides=overrides, run_dir=tmp_path / "whole", callbacks=[whole])
+    distill(overrides=overrides, run_dir=tmp_path / "part", callbacks=[StopAfter(2)])
+    assert torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    distill(overrides=[*overrides, f"ckpt={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}"], run_dir=tmp_path / "resumed",
+            callbacks=[resumed])
+
     assert [g[1] for g in resumed.groups] == pytest.approx([g[1] for g in whole.groups], rel=1e-9)
     assert resumed.weights.keys() == whole.weights.keys()
     for key, value in whole.weights.items():

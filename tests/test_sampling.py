@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import section
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
 from vfmtune.config import ConfigError
@@ -45,8 +46,7 @@ def test_resample_embeddings__balances_training_classes(method: str) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(60, 8, generator=gen), torch.randn(12, 8, generator=gen) + 1])  # overlapping: borderline samples exist
     y = torch.tensor([0] * 60 + [1] * 12)
-    cfg = {"method": method, "k_neighbors": 5, "sampling_strategy": "auto"}
-    xr, yr = resample_embeddings(x, y, cfg, CLASSES, seed=0)
+    xr, yr = resample_embeddings(x, y, section("resample", method=method, k_neighbors=5), CLASSES, seed=0)
     counts = Counter(yr.tolist())
     assert xr.shape == (len(yr), 8) and xr.dtype == x.dtype
     if method == "random_under":
@@ -61,9 +61,9 @@ def test_resample_embeddings__balances_training_classes(method: str) -> None:
         ({"method": "smote", "k_neighbors": 5}, [40, 4], r"needs more than 5 training samples.*'defect' has 4. Fix: resample.k_neighbors=3"),
         ({"method": "adasyn", "k_neighbors": 5}, [40, 1], "Fix: resample=random_over"),
         ({"method": "smote", "k_neighbors": 0}, [40, 10], "resample.k_neighbors=0 must be >= 1"),
-        ({"method": "mixup", "k_neighbors": 5}, [40, 10], "resample='mixup' is not one of none, smote"),
+        ({"method": "mixup", "k_neighbors": 5}, [40, 10], r"'mixup', expected one of \[none, smote"),
     ],
 )
 def test_check_resample__bad_input__clear_error(cfg: dict, counts: list[int], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        check_resample(cfg, counts, CLASSES)
+        check_resample(section("resample", **cfg), counts, CLASSES)

@@ -12,26 +12,43 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load lazily below
+    from vfmtune.backbones import ALIASES, create_backbone
+    from vfmtune.commands.cv import cv
+    from vfmtune.commands.distill import distill
+    from vfmtune.commands.embed import embed
+    from vfmtune.commands.evaluate import evaluate
+    from vfmtune.commands.export import export
+    from vfmtune.commands.merge import export_merged
+    from vfmtune.commands.predict import predict
+    from vfmtune.commands.pseudo_label import pseudo_label
+    from vfmtune.commands.train import train
+    from vfmtune.config import Config, ConfigError, load_config
+    from vfmtune.loading import load_model
 
 _PUBLIC = {
     "ALIASES": "vfmtune.backbones",
     "Config": "vfmtune.config",
     "ConfigError": "vfmtune.config",
     "create_backbone": "vfmtune.backbones",
-    "cv": "vfmtune.api",
-    "distill": "vfmtune.distill_api",
-    "embed": "vfmtune.api",
-    "evaluate": "vfmtune.api",
-    "export": "vfmtune.exporter",
-    "export_merged": "vfmtune.api",
-    "load_config": "vfmtune.api",
-    "load_model": "vfmtune.api",
-    "predict": "vfmtune.api",
-    "pseudo_label": "vfmtune.distill_api",
-    "train": "vfmtune.api",
+    "cv": "vfmtune.commands.cv",
+    "distill": "vfmtune.commands.distill",
+    "embed": "vfmtune.commands.embed",
+    "evaluate": "vfmtune.commands.evaluate",
+    "export": "vfmtune.commands.export",
+    "export_merged": "vfmtune.commands.merge",
+    "load_config": "vfmtune.config",
+    "load_model": "vfmtune.loading",
+    "predict": "vfmtune.commands.predict",
+    "pseudo_label": "vfmtune.commands.pseudo_label",
+    "train": "vfmtune.commands.train",
 }
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "ALIASES", "Config", "ConfigError", "create_backbone", "cv", "distill", "embed", "evaluate", "export", "export_merged",
+    "load_config", "load_model", "predict", "pseudo_label", "train",
+]
 __version__ = "0.1.0"
 
 

@@ -1,7 +1,8 @@
 """Backbone names -> timm models with weights from the hub, a local file, the offline package, or none.
 
 Every backbone is a plain timm model created with ``num_classes=0``: pooled features come from
-``forward_head(forward_features(x), pre_logits=True)`` and the rest of timm's contract
+``model(x)`` (``forward_head(forward_features(x), pre_logits=True)``), patch-token maps from timm's
+``forward_intermediates`` (:func:`patch_tokens`), and the rest of timm's contract
 (``reset_classifier``, ``group_matcher``, ``set_grad_checkpointing``) works unchanged.
 Checkpoints in their authors' layouts (Meta's DINOv2 and SAM releases) are mapped with timm's own
 ``checkpoint_filter_fn`` and resampled to the requested ``img_size`` before a strict load.
@@ -14,7 +15,7 @@ import functools
 import inspect
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,45 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     """
     model.load_state_dict(adapt_state_dict(state_dict, model, source), strict=True)
     return model
+
+
+def timm_model(backbone: nn.Module) -> nn.Module:
+    """The timm model inside a backbone: itself, or the model a peft `PeftModel` wraps.
+
+    Parameter names (`blocks.3.attn.qkv...`), `group_matcher` and `forward_intermediates` come from
+    the timm model, so block grouping, layer decay and patch tokens work the same with and without LoRA.
+    """
+    get_base = getattr(backbone, "get_base_model", None)
+    return get_base() if callable(get_base) and backbone is not get_base() else backbone
+
+
+def patch_tokens(backbone: nn.Module, images: torch.Tensor, layers: int | Sequence[int] = 1) -> list[torch.Tensor]:
+    """Patch-token maps of the last ``layers`` blocks (an int) or of the given block indices.
+
+    Uses timm's ``forward_intermediates`` with the final norm applied to every map, as DINOv2's
+    linear segmentation heads read them. Through a peft wrapper the LoRA layers take part.
+
+    Args:
+        backbone: a timm model (ViTs, and CNNs whose feature maps count as tokens), or a peft model.
+        images: ``[B, 3, H, W]``.
+        layers: how many of the last blocks, or explicit block indices.
+
+    Returns:
+        One ``[B, C, H / patch, W / patch]`` map per requested block, shallowest first.
+
+    Example:
+        >>> maps = patch_tokens(create_backbone("timm/test_vit", img_size=64), torch.randn(2, 3, 64, 64), layers=2)
+        >>> [tuple(m.shape) for m in maps]
+        [(2, 64, 4, 4), (2, 64, 4, 4)]
+    """
+    model = timm_model(backbone)
+    if not hasattr(model, "forward_intermediates"):
+        raise ValueError(f"{type(model).__name__} has no forward_intermediates in timm: it cannot give patch tokens.")
+    kwargs: dict[str, Any] = {"indices": layers if isinstance(layers, int) else list(layers), "intermediates_only": True,
+                              "output_fmt": "NCHW"}
+    if "norm" in inspect.signature(model.forward_intermediates).parameters:
+        kwargs["norm"] = True
+    return list(model.forward_intermediates(images, **kwargs))
 
 
 def data_config(model: nn.Module, img_size: int | None = None) -> dict[str, Any]:

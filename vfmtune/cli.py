@@ -1,45 +1,22 @@
-"""`vfmtune <command> [hydra overrides]`: a thin Hydra front door to `vfmtune.api` and friends."""
+"""`vfmtune <command> [hydra overrides]`: a thin Hydra front door to `vfmtune.commands`."""
 
 from __future__ import annotations
 
-import importlib
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from vfmtune.config import ConfigError, config_dirs, register_configs
-
-# command -> "module:function"; imported on use, so `vfmtune --help` answers without loading torch.
-COMMANDS: dict[str, str] = {
-    "train": "vfmtune.api:train",
-    "evaluate": "vfmtune.api:evaluate",
-    "predict": "vfmtune.api:predict",
-    "embed": "vfmtune.api:embed",
-    "cv": "vfmtune.api:cv",
-    "export-merged": "vfmtune.api:export_merged",
-    "distill": "vfmtune.distill_api:distill",
-    "pseudo-label": "vfmtune.distill_api:pseudo_label",
-    "export": "vfmtune.exporter:export",
-}
+from vfmtune.commands import COMMANDS, command_function
+from vfmtune.config import ConfigError, config_dirs, load_config, register_configs
 
 
-def command_function(command: str) -> Callable:
-    module, name = COMMANDS[command].split(":")
-    return getattr(importlib.import_module(module), name)
-
-USAGE = """usage: vfmtune <command> [key=value ...] [hydra options]
+def usage() -> str:
+    rows = "\n".join(f"  {name:<13} {c.summary:<42} {c.example}" for name, c in COMMANDS.items())
+    return f"""usage: vfmtune <command> [key=value ...] [hydra options]
 
 commands:
-  train      fine-tune a backbone + head          vfmtune train data.root=/path/to/imagefolder
-  evaluate   recompute metrics for a checkpoint   vfmtune evaluate ckpt=runs/train/<date>/checkpoints/best.ckpt
-  predict    classify images with a checkpoint    vfmtune predict ckpt=RUN_DIR images=/path/to/images
-  embed      build the frozen-backbone cache      vfmtune embed backbone=dinov2_vits14
-  cv         stratified k-fold, fold ensemble     vfmtune cv folds=5 loss=weighted_ce
-  export-merged  merge a LoRA run into a plain checkpoint   vfmtune export-merged ckpt=RUN_DIR
-  distill    teach a small CNN from a classifier  vfmtune distill teacher=RUN_DIR student=efficientnet_lite0
-  pseudo-label  teacher labels -> CSV manifest    vfmtune pseudo-label teacher=RUN_DIR images=DIR pseudo_label.threshold=0.9
-  export     verified ONNX/TorchScript bundle     vfmtune export ckpt=RUN_DIR format=onnx quantize=int8
+{rows}
 
 `vfmtune train --cfg job` prints the composed config; `-m` runs a sweep (e.g. optim.lr=1e-3,1e-4);
 `hydra.run.dir=DIR` sets the run directory; `recipes=<name>` applies a recipe from recipes/.
@@ -59,7 +36,7 @@ def _config_groups() -> set[str]:
     return {p.name for p in conf_dir.iterdir() if p.is_dir()} | {"recipes"}
 
 
-def check_overrides(overrides: Sequence[str]) -> None:
+def check_overrides(overrides: Sequence[str], schema: str = "train") -> None:
     """Reject unknown keys before Hydra runs, naming the valid keys at that level.
 
     Hydra's own message says a key "is not in struct" without listing alternatives. Free-form
@@ -72,11 +49,10 @@ def check_overrides(overrides: Sequence[str]) -> None:
     choices = []
     for o in parsed:
         if o.key_or_group in groups and not o.is_add() and not o.is_delete():
-            value = o.value()
-            choices.append(f"{o.key_or_group}={value[0] if isinstance(value, list) else o.get_value_element_as_str()}")
-    from vfmtune.runner import load_config
-
-    cfg: DictConfig = load_config(*choices)
+            # a group sweep (finetune=lora,frozen) is checked with its first option
+            value = next(o.sweep_string_iterator()) if o.is_sweep_override() else o.get_value_element_as_str()
+            choices.append(f"{o.key_or_group}={value}")
+    cfg: DictConfig = load_config(*choices, command=schema)
     for o in parsed:
         if o.is_add() or o.is_delete() or o.key_or_group in groups:
             continue
@@ -87,13 +63,16 @@ def check_overrides(overrides: Sequence[str]) -> None:
                 break  # free-form section: validated against its target's signature at run time
             if part not in node:
                 where = ".".join(parts[:depth]) or "the top level"
-                valid = ", ".join(sorted(str(k) for k in node.keys()))
+                valid = ", ".join(sorted(str(k) for k in node))
                 raise ConfigError(f"Unknown key '{o.key_or_group}'. Valid keys at {where}: {valid}")
             node = node[part]
+    # Values too (enums name their valid choices); a sweep's values are checked by each job.
+    load_config(*[o.input_line for o in parsed if not o.is_sweep_override()], command=schema)
 
 
 # Hydra flags that take a value ("--cfg job"): that value is not an override.
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd",
+                     "--info", "-i", "--experimental-rerun"}
 
 
 def _split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -111,25 +90,26 @@ def _split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     import hydra
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"vfmtune: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        print(f"vfmtune: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     register_configs()
     flags, overrides = _split_args(rest)
+    schema = COMMANDS[command].schema
     if command == "distill":
-        from vfmtune.distill_api import with_student_defaults
+        from vfmtune.commands.distill import with_student_defaults
 
         overrides = with_student_defaults(overrides)
     try:
-        check_overrides(overrides)
+        check_overrides(overrides, schema)
     except Exception as e:  # noqa: BLE001 - a composition error is the user's to fix; show it plainly
         print(f"vfmtune {command}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -137,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # Hydra's argparse wants the overrides in one run, so flags go first ("-m a=1 b=2,3 --cfg job").
     # argv[0] stays the real program: Lightning's DDP launcher re-executes it for the other ranks.
     real_argv = list(sys.argv)
-    sys.argv = [real_argv[0], *flags, f"hydra.job.name={command}", f"hydra.searchpath=[file://{base}]", *overrides]
+    sys.argv = [real_argv[0], *flags, f"hydra.job.name={command}", f"hydra.searchpath=[file://{base}]", f"command={schema}", *overrides]
 
     @hydra.main(config_path=str(conf_dir), config_name="config", version_base="1.3")
     def run(cfg: DictConfig) -> None:

@@ -1,19 +1,24 @@
-"""The config schema: one set of dataclasses that Hydra's YAML fills and the Python API reuses.
+"""The config schema: typed dataclasses, defined once, that Hydra's YAML fills and the Python API reuses.
 
-Every setting is defined here once. `conf/` holds small YAML diffs against these defaults, and
-`recipes/` holds complete experiments as overrides. `trainer` is `lightning.Trainer`'s own
-signature (read from it, not repeated here); `callbacks` are allow-listed `_target_` entries.
+Sections (`BackboneConfig`, `DataConfig`, ...) are shared by every command; each command has its
+own schema (`Config` for `vfmtune train`, `EvaluateCommand` for `vfmtune evaluate`, ...) that adds
+its arguments, so `vfmtune train teacher=...` is an unknown key, not a silently ignored one.
+Enum-like fields are `Choice` enums: OmegaConf rejects any other value when the config is
+composed, listing the valid ones, so no module re-checks them. `conf/` holds small YAML diffs
+against these defaults; `recipes/` holds complete experiments. `trainer` is `lightning.Trainer`'s
+own signature (read from it, not repeated here); `callbacks` are allow-listed `_target_` entries.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, TypeVar
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
@@ -21,13 +26,118 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
+class Choice(str, Enum):
+    """An enum-like config value: compares equal to, prints as and is stored as its string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def parse(cls, value: Any, key: str) -> Choice:
+        """`value` as a member, for code called without a composed config; else a ConfigError naming `key`."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(m.value for m in cls)}.") from None
+
+
+class WeightsSource(Choice):
+    hub = "hub"
+    file = "file"
+    packaged = "packaged"
+    none = "none"
+
+
+class OnBadImage(Choice):
+    error = "error"  # stop with a report of every bad file
+    skip = "skip"  # drop and count them
+
+
+class SamplerName(Choice):
+    shuffle = "shuffle"
+    balanced = "balanced"
+
+
+class HeadType(Choice):
+    linear = "linear"
+    mlp = "mlp"
+
+
+class FinetuneMode(Choice):
+    frozen = "frozen"
+    last_blocks = "last_blocks"
+    full = "full"
+    progressive = "progressive"
+    lora = "lora"
+
+
+class SchedName(Choice):
+    cosine = "cosine"
+    step = "step"
+    onecycle = "onecycle"
+    none = "none"
+
+
+class LossName(Choice):
+    ce = "ce"
+    weighted_ce = "weighted_ce"
+    focal = "focal"
+
+
+class ResampleMethod(Choice):
+    none = "none"
+    smote = "smote"
+    adasyn = "adasyn"
+    borderline_smote = "borderline_smote"
+    random_over = "random_over"
+    random_under = "random_under"
+    smote_tomek = "smote_tomek"
+
+
+class LoggerName(Choice):
+    csv = "csv"
+    tensorboard = "tensorboard"
+    none = "none"
+
+
+class SplitName(Choice):
+    train = "train"
+    val = "val"
+    test = "test"
+    all = "all"
+
+
+class FeatureLoss(Choice):
+    cosine = "cosine"
+    mse = "mse"
+
+
+class StudentWeights(Choice):
+    auto = "auto"  # packaged, else hub, else none
+    packaged = "packaged"
+    hub = "hub"
+    none = "none"
+
+
+class ExportFormat(Choice):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+class Quantize(Choice):
+    int8 = "int8"
+
+
 @dataclass
 class BackboneConfig:
     name: str = "dinov2_vits14"  # an alias (see vfmtune.backbones.ALIASES) or "timm/<name>"
-    weights: str = "packaged"  # hub | file | packaged | none
-    path: Optional[str] = None  # checkpoint file for weights=file
-    img_size: Optional[int] = 224  # model input size; position embeddings are resampled to it
-    global_pool: Optional[str] = None  # timm pooling override ("token", "avg", ...)
+    weights: WeightsSource = WeightsSource.packaged
+    path: str | None = None  # checkpoint file for weights=file
+    img_size: int | None = 224  # model input size; position embeddings are resampled to it
+    global_pool: str | None = None  # timm pooling override ("token", "avg", ...)
     drop_path_rate: float = 0.0
 
 
@@ -39,24 +149,24 @@ class AugmentConfig:
     vflip: float = 0.0
     scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop area range
     color_jitter: float = 0.0
-    auto_augment: Optional[str] = None  # e.g. "rand-m9-mstd0.5"
+    auto_augment: str | None = None  # e.g. "rand-m9-mstd0.5"
 
 
 @dataclass
 class DataConfig:
-    dataset: Optional[str] = "textile"  # packaged dataset, used when neither root nor manifest is set
-    root: Optional[str] = None  # ImageFolder: one sub-folder per class
-    manifest: Optional[str] = None  # CSV with columns path,label[,split]
+    dataset: str | None = "textile"  # packaged dataset, used when neither root nor manifest is set
+    root: str | None = None  # ImageFolder: one sub-folder per class
+    manifest: str | None = None  # CSV with columns path,label[,split]
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0  # split seed; kept apart from the training seed so splits stay fixed
     batch_size: int = 32
     num_workers: int = 2
-    on_bad_image: str = "error"  # error: stop with a report | skip: drop and count bad files
+    on_bad_image: OnBadImage = OnBadImage.error
     # distill: a folder (or pseudo-label CSV) of unlabelled images the teacher labels; training split only
-    unlabeled: Optional[str] = None
+    unlabeled: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    sampler: str = "shuffle"  # shuffle | balanced: class-balanced sampling with replacement (vfmtune.sampling)
+    sampler: SamplerName = SamplerName.shuffle  # balanced: class-balanced sampling with replacement
     # With a frozen backbone, balanced sampling would repeat identical cached embeddings; true runs
     # the backbone on images instead, so every repeated minority image gets a fresh augmentation.
     oversample_augment: bool = False
@@ -64,7 +174,7 @@ class DataConfig:
 
 @dataclass
 class HeadConfig:
-    type: str = "linear"  # linear | mlp
+    type: HeadType = HeadType.linear
     hidden_dim: int = 512  # mlp only
     dropout: float = 0.0
     # BatchNorm without affine before the head, as in MAE's linear probe: frozen ViT features have
@@ -74,7 +184,7 @@ class HeadConfig:
 
 @dataclass
 class FinetuneConfig:
-    mode: str = "frozen"  # frozen | last_blocks | full | progressive | lora
+    mode: FinetuneMode = FinetuneMode.frozen
     n_blocks: int = 2  # last_blocks only: how many of the backbone's last blocks train
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names to freeze
     unfreeze: list[str] = field(default_factory=list)  # patterns to train even when frozen by mode
@@ -93,7 +203,7 @@ class FinetuneConfig:
     targets: Any = "attn"  # attn | attn_mlp | a list of module-name suffixes, e.g. [attn.qkv, mlp.fc2]
     use_dora: bool = False  # weight-decomposed LoRA (DoRA, https://arxiv.org/abs/2402.09353)
     # LP-FT: start from the head of a finetune=frozen run (a run directory or .ckpt), not a random one.
-    head_from: Optional[str] = None
+    head_from: str | None = None
     # Recompute each block's activations in the backward pass instead of storing them (timm's
     # set_grad_checkpointing): a fraction of the memory for ~1.5-2x the step time when the backbone trains.
     grad_checkpointing: bool = False
@@ -108,12 +218,12 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     # Layer-wise lr decay (BEiT, https://arxiv.org/abs/2106.08254): a backbone layer at depth d below
     # the top gets lr * backbone_lr_scale * layer_decay**d (timm's param_groups_layer_decay). None: off.
-    layer_decay: Optional[float] = None
+    layer_decay: float | None = None
 
 
 @dataclass
 class SchedConfig:
-    name: str = "cosine"  # cosine | step | onecycle | none
+    name: SchedName = SchedName.cosine
     warmup_epochs: float = 1.0  # cosine: linear warm-up length
     min_lr_ratio: float = 0.01  # cosine: final lr as a fraction of the peak
     step_epochs: int = 10  # step: decay every N epochs
@@ -126,7 +236,7 @@ def _default_trainer() -> dict[str, Any]:
     signature is the schema, so any of its options can be overridden as `trainer.<name>=...`."""
     import lightning as L
 
-    ours = {"logger", "callbacks", "plugins", "default_root_dir"}  # built by vfmtune.api
+    ours = {"logger", "callbacks", "plugins", "default_root_dir"}  # built by vfmtune.fit
     defaults = {
         name: p.default
         for name, p in inspect.signature(L.Trainer.__init__).parameters.items()
@@ -140,7 +250,7 @@ def _default_trainer() -> dict[str, Any]:
 class LossConfig:
     """Training loss (vfmtune.losses). Class weights come from the training split's counts only."""
 
-    name: str = "ce"  # ce | weighted_ce | focal
+    name: LossName = LossName.ce
     # weighted_ce: balanced (scikit-learn's n / (C * n_c)) | effective_number (Cui et al. 2019) | [w_0, ...]
     class_weights: Any = "balanced"
     beta: float = 0.999  # effective_number: (1 - beta) / (1 - beta^n_c)
@@ -155,7 +265,7 @@ class LossConfig:
 class ResampleConfig:
     """imbalanced-learn resampling of the training split's cached embeddings (frozen backbone only)."""
 
-    method: str = "none"  # none | smote | adasyn | borderline_smote | random_over | random_under | smote_tomek
+    method: ResampleMethod = ResampleMethod.none
     k_neighbors: int = 5  # smote / adasyn / borderline_smote / smote_tomek: neighbours used to interpolate
     sampling_strategy: Any = "auto"  # imblearn's: auto | minority | not majority | all | {class: count} | float
 
@@ -168,26 +278,95 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class Config:
+    """A training run: what `vfmtune train` composes from `conf/config.yaml` plus overrides, and the
+    base every other command's schema extends."""
+
+    task: str = "classify"  # a name in vfmtune.tasks.TASKS
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
+    trainer: dict[str, Any] = field(default_factory=_default_trainer)  # lightning.Trainer kwargs
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    callbacks: list[Any] = field(default_factory=list)  # extra allow-listed `_target_` callbacks
+    monitor: str = "val/macro_f1"  # checkpoint selection and early stopping metric (maximised)
+    logger: LoggerName = LoggerName.csv
+    seed: int = 0
+    cache_dir: str | None = None  # default: $VFMTUNE_CACHE or ~/.cache/vfmtune
+    # CPU memory for time: freed tensors go back to the OS (glibc), so peak RSS follows live tensors
+    # (LoRA's smaller activation footprint shows up) for 1.2-1.5x the step time; vfmtune.memory.lean_host_memory
+    lean_host_memory: bool = False
+    # train: resume from this last.ckpt (weights, optimizer, lr schedule, unfreezing and RNG state);
+    # evaluate / predict / export / export-merged: the model, as a checkpoint file or a run directory
+    ckpt: str | None = None
+
+
+@dataclass
+class CVCommand(Config):
+    """`vfmtune cv`: stratified k-fold over train+val; the test split stays held out."""
+
+    folds: int = 5
+
+
+@dataclass
+class EvaluateCommand(Config):
+    """`vfmtune evaluate ckpt=...`."""
+
+    split: SplitName = SplitName.test
+
+
+@dataclass
+class PredictCommand(Config):
+    """`vfmtune predict ckpt=... images=...`."""
+
+    images: str | None = None  # a folder (searched recursively) or one image
+
+
+@dataclass
 class KDConfig:
     # Hinton et al. 2015 (arXiv:1503.02531): loss = (1 - alpha) * CE(hard labels)
     #   + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + feature_weight * feature loss
     temperature: float = 4.0
     alpha: float = 0.7  # 0: CE only (no teacher needed), 1: teacher only
     feature_weight: float = 0.0  # > 0: student pooled features -> linear projector -> teacher embedding
-    feature_loss: str = "cosine"  # cosine | mse
+    feature_loss: FeatureLoss = FeatureLoss.cosine
 
 
 @dataclass
 class DistillConfig:
-    weights: str = "auto"  # student weights: auto (packaged, else hub, else none) | packaged | hub | none
-    img_size: Optional[int] = None  # student input size; None: the teacher's backbone.img_size
+    weights: StudentWeights = StudentWeights.auto  # student weights
+    img_size: int | None = None  # student input size; None: the teacher's backbone.img_size
     cache_teacher: bool = True  # frozen teacher + deterministic views: its outputs are computed once
+
+
+@dataclass
+class DistillCommand(Config):
+    """`vfmtune distill teacher=... student=...`."""
+
+    teacher: str | None = None  # a vfmtune classifier checkpoint or run directory
+    student: str = "mobilenetv3_large_100"  # an alias (vfmtune.tasks.distill.STUDENTS) or "timm/<name>"
+    kd: KDConfig = field(default_factory=KDConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass
 class PseudoLabelConfig:
     threshold: float = 0.0  # rows below this teacher confidence are left out of the manifest
-    output: Optional[str] = None  # CSV path; default <run dir>/pseudo_labels.csv
+    output: str | None = None  # CSV path; default <run dir>/pseudo_labels.csv
+
+
+@dataclass
+class PseudoLabelCommand(Config):
+    """`vfmtune pseudo-label teacher=... images=...`."""
+
+    teacher: str | None = None
+    images: str | None = None
+    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
 
 
 @dataclass
@@ -202,54 +381,47 @@ class ExportConfig:
     min_top1_agreement: float = 0.95  # int8 gate: share of test images where int8 and fp32 agree on top-1
     max_accuracy_drop: float = 0.02  # int8 gate: test accuracy drop vs fp32 (0.02 = 2 points)
     latency_repeats: int = 5  # median of this many timed runs per batch size
-    output: Optional[str] = None  # bundle folder; default <run dir>/bundle
+    output: str | None = None  # bundle folder; default <run dir>/bundle
 
 
 @dataclass
-class Config:
-    """The whole run. `vfmtune <command>` composes it from `conf/config.yaml` plus overrides."""
+class ExportCommand(Config):
+    """`vfmtune export ckpt=... [format=onnx] [quantize=int8]`."""
 
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    resample: ResampleConfig = field(default_factory=ResampleConfig)
-    trainer: dict[str, Any] = field(default_factory=_default_trainer)  # lightning.Trainer kwargs
-    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    callbacks: list[Any] = field(default_factory=list)  # extra allow-listed `_target_` callbacks
-    monitor: str = "val/macro_f1"  # checkpoint selection and early stopping metric (maximised)
-    logger: str = "csv"  # csv | tensorboard | none
-    seed: int = 0
-    cache_dir: Optional[str] = None  # default: $VFMTUNE_CACHE or ~/.cache/vfmtune
-    # CPU memory for time: freed tensors go back to the OS (glibc), so peak RSS follows live tensors
-    # (LoRA's smaller activation footprint shows up) for 1.2-1.5x the step time; vfmtune.memory.lean_host_memory
-    lean_host_memory: bool = False
-    # evaluate / predict
-    # evaluate / predict / export-merged: a checkpoint file or a run directory; train: resume from this
-    # last.ckpt (weights, optimizer, lr schedule, unfreezing state and RNG state are all restored)
-    ckpt: Optional[str] = None
-    split: str = "test"  # evaluate: train | val | test | all
-    images: Optional[str] = None  # predict / pseudo-label: a folder (searched recursively) or one image
-    folds: int = 5  # cv: StratifiedKFold over train+val; the test split stays held out
-    merge_atol: float = 1.0e-4  # export-merged: max abs logit difference allowed between merged and LoRA
-    # distill / pseudo-label
-    teacher: Optional[str] = None  # a vfmtune classifier checkpoint or run directory
-    student: str = "mobilenetv3_large_100"  # an alias (vfmtune.tasks.distiller.STUDENTS) or "timm/<name>"
-    kd: KDConfig = field(default_factory=KDConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
-    # export
-    format: str = "onnx"  # onnx | torchscript
-    quantize: Optional[str] = None  # int8 (onnx only)
+    format: ExportFormat = ExportFormat.onnx
+    quantize: Quantize | None = None
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+@dataclass
+class MergeCommand(Config):
+    """`vfmtune export-merged ckpt=...`."""
+
+    merge_atol: float = 1.0e-4  # max abs logit difference allowed between merged and LoRA
+
+
+# Hydra option of the `command` config group -> schema. `conf/config.yaml` starts from `command: train`;
+# the CLI selects `command=<name>` for the others.
+SCHEMAS: dict[str, type[Config]] = {
+    "train": Config,
+    "embed": Config,
+    "cv": CVCommand,
+    "evaluate": EvaluateCommand,
+    "predict": PredictCommand,
+    "distill": DistillCommand,
+    "pseudo_label": PseudoLabelCommand,
+    "export": ExportCommand,
+    "merge": MergeCommand,
+}
+
+
 def register_configs() -> None:
-    """Register the schema so that `conf/config.yaml` can extend it (type-checked, unknown keys rejected)."""
-    ConfigStore.instance().store(name="vfmtune_schema", node=Config)
+    """Register the schemas so that `conf/config.yaml` can extend them (type-checked, unknown keys rejected)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(group="command", name=name, node=schema, package="_global_")
 
 
 # Hydra's `instantiate` will import and call anything a YAML file names; configs may come from
@@ -298,11 +470,53 @@ def check_kwargs(target: Any, kwargs: dict[str, Any], where: str) -> None:
         raise ConfigError(f"Unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}. Valid keys: {valid}")
 
 
+C = TypeVar("C", bound=Config)
+
+
+def typed(cfg: Config | DictConfig | dict[str, Any], schema: type[C] = Config, strict: bool = True) -> C:  # type: ignore[assignment]
+    """The config as `schema`'s dataclass objects (attribute access, enums), whatever form it came in.
+
+    Args:
+        cfg: a composed DictConfig, a plain dict (e.g. from a checkpoint) or a dataclass.
+        schema: the command's schema class.
+        strict: reject keys the schema does not have; False drops them (configs stored by older
+            versions, or by another command, carry keys this schema has no use for).
+
+    Raises:
+        ConfigError: unknown keys (strict) or invalid values, naming the key.
+
+    Example:
+        >>> typed({"finetune": {"mode": "lora"}}).finetune.mode == "lora"
+        True
+    """
+    if isinstance(cfg, schema):
+        return cfg
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        cfg = to_container(cfg)
+    base = OmegaConf.structured(schema)
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    if not strict:
+        node = OmegaConf.create(_known(OmegaConf.to_container(node), base))
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(base, node))  # type: ignore[return-value]
+    except Exception as e:  # noqa: BLE001 - OmegaConf's errors name the key; keep the message, drop the trace
+        raise ConfigError(str(e).split("\n    full_key")[0].strip()) from None
+
+
+def _known(node: Any, schema: Any) -> Any:
+    """`node` with only the keys `schema` (a structured DictConfig) has; free-form sections kept whole."""
+    if not isinstance(node, dict) or not isinstance(schema, DictConfig) or OmegaConf.get_type(schema) is dict:
+        return node
+    return {k: _known(v, schema[k]) for k, v in node.items() if k in schema}
+
+
 def to_container(cfg: Config | DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """Plain, resolved Python types: safe to store in checkpoints loaded with weights_only=True."""
+    """Plain, resolved Python types (enums as strings): safe to store in checkpoints loaded with
+    `torch.load(weights_only=True)` and in `.hydra/config.yaml`."""
     if isinstance(cfg, dict):
         return cfg
-    return OmegaConf.to_container(OmegaConf.structured(cfg) if isinstance(cfg, Config) else cfg, resolve=True)
+    node = OmegaConf.structured(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
 def config_dirs() -> tuple[Path, Path]:
@@ -311,3 +525,33 @@ def config_dirs() -> tuple[Path, Path]:
     packed = pkg / "_configs"
     base = packed if (packed / "conf").is_dir() else pkg.parent
     return base / "conf", base
+
+
+def load_config(*overrides: str, command: str = "train") -> DictConfig:
+    """Compose the same config `vfmtune <command> OVERRIDES...` would, without running anything.
+
+    Example:
+        >>> cfg = load_config("backbone=vit_b16", "trainer.max_epochs=3")
+        >>> cfg.backbone.name
+        'vit_b16'
+    """
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    conf_dir, recipes_parent = config_dirs()
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        try:
+            return compose("config", overrides=[f"command={command}", *overrides, f"hydra.searchpath=[file://{recipes_parent}]"])
+        except Exception as e:  # noqa: BLE001 - Hydra and OmegaConf raise many types; the user needs their messages
+            raise ConfigError(composition_message(e)) from None
+
+
+def composition_message(error: BaseException) -> str:
+    """Hydra's composition error with the OmegaConf causes it wraps (which say what the valid values are)."""
+    parts: list[str] = []
+    while error is not None:
+        text = str(error).split("\n    full_key")[0].split("\nConfig search path")[0].strip()
+        if text and text not in parts and "$VALUE" not in text and not text.startswith("'"):
+            parts.append(text)
+        error = error.__cause__ or error.__context__
+    return ": ".join(parts)

@@ -4,10 +4,11 @@ A frozen ViT-S/14 costs ~75 ms per 224 px image on a 2-core CPU, so running it e
 head-only fine-tune take an hour. Its output for a given image is fixed, so it is computed once.
 
 Layout: `<cache>/embeddings/<model key>/<shard>.safetensors`, each shard holding `digests`
-([N, 32] uint8 sha256 of the image files' bytes) and `features` ([N, D] float32). The model key
-hashes everything that changes the features: backbone name, weights identity, input size and the
-eval transform. Images are keyed by content, so renamed files hit the cache, edited files miss
-it, and adding images only embeds the new ones.
+([N, 32] uint8 sha256 of the image files' bytes) and `features` ([N, ...]: pooled vectors [N, D] or
+patch-token maps [N, C, h, w]). The model key hashes everything that changes the features: backbone
+name, weights identity, input size, the eval transform and what is extracted (pooled or tokens).
+Images are keyed by content, so renamed files hit the cache, edited files miss it, and adding images
+only embeds the new ones.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -23,7 +25,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vfmtune.backbones import data_config
+from vfmtune.cache import cache_dir
+from vfmtune.config import AugmentConfig, Config
 from vfmtune.data.datamodule import ImageDataset
+from vfmtune.data.transforms import build_transforms
+from vfmtune.device import compute_device
+from vfmtune.io import atomic_path
 
 CACHE_VERSION = 1
 
@@ -70,12 +78,10 @@ class EmbeddingCache:
         return table
 
     def _save_shard(self, digests: list[bytes], features: torch.Tensor) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(b"".join(digests)).hexdigest()[:16]
-        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
         digest_t = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).view(-1, 32)
-        save_file({"digests": digest_t, "features": features.contiguous()}, str(tmp))
-        os.replace(tmp, self.folder / f"{name}.safetensors")
+        with atomic_path(self.folder / f"{name}.safetensors") as tmp:
+            save_file({"digests": digest_t, "features": features.contiguous()}, str(tmp))
 
     @torch.inference_mode()
     def embed(
@@ -87,9 +93,11 @@ class EmbeddingCache:
         num_workers: int = 0,
         progress: bool = True,
         device: torch.device | str = "cpu",
+        extract: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Pooled features [len(paths), D] of `backbone` in eval mode; only cache misses are computed, on
-        `device` (the backbone goes back where it was). Features are stored as float32 on the CPU."""
+        """Features [len(paths), ...] of `backbone` in eval mode: pooled vectors `backbone(x)`, or what
+        `extract(backbone, x)` returns (e.g. patch tokens; its name belongs in the model key). Only cache
+        misses are computed, on `device` (the backbone goes back where it was); stored on the CPU."""
         digests = [file_digest(p) for p in paths]
         table = self._load()
         missing_unique: dict[bytes, int] = {}  # digest -> first index: duplicate files embed once
@@ -113,10 +121,37 @@ class EmbeddingCache:
 
                 iterator = tqdm(loader, desc=f"embedding {len(idx)} images (cached for later runs)", unit="batch")
             for images, _ in iterator:
-                chunks.append(backbone(images.to(device, non_blocking=True)).float().cpu())
+                x = images.to(device, non_blocking=True)
+                chunks.append((backbone(x) if extract is None else extract(backbone, x)).float().cpu())
             backbone.train(was_training).to(home)
             features = torch.cat(chunks)
             self._save_shard([digests[i] for i in idx], features)
             for j, i in enumerate(idx):
                 table[digests[i]] = features[j]
         return torch.stack([table[d] for d in digests])
+
+
+def embed_images(
+    config: Config,
+    backbone: nn.Module,
+    paths: Sequence[str],
+    extract: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    kind: str = "pooled",
+    label: str = "embeddings",
+) -> torch.Tensor:
+    """Features of `paths` through the run's embedding cache (`<cache>/embeddings/<model key>`).
+
+    The eval transform comes from the backbone's timm data config at `config.backbone.img_size`; the
+    key holds the backbone name, its actual weights, that transform and `kind` (what `extract` returns).
+
+    Returns:
+        `[len(paths), ...]` float32 on the CPU.
+    """
+    _, eval_tf = build_transforms(data_config(backbone, config.backbone.img_size), AugmentConfig(enabled=False))
+    key = model_key(config.backbone.name, weights_digest(backbone), eval_tf, None if kind == "pooled" else {"kind": kind})
+    cache = EmbeddingCache(cache_dir(config.cache_dir) / "embeddings" / key)
+    t0 = time.perf_counter()
+    features = cache.embed(backbone, paths, eval_tf, config.data.batch_size, config.data.num_workers,
+                           device=compute_device(config), extract=extract)
+    print(f"{label} ready in {time.perf_counter() - t0:.1f}s ({cache.folder})")
+    return features

@@ -1,10 +1,13 @@
-"""`vfmtune export` (module named exporter so it never shadows the `vfmtune.export` function): a trained
+"""Export machinery behind `vfmtune export`: a trained model's inference module becomes a verified bundle.
 
 A bundle is a folder: `model.onnx` (or `model.pt` for TorchScript), `model.int8.onnx` when quantized,
 and `bundle.json` with class names, input size, mean/std, the resize/crop policy, the source
 checkpoint and the verification / accuracy / latency figures. Every export is compared with the
 source model on real images of the data (max abs logit difference, top-1 agreement); fp32 fails
 above `export.atol`, INT8 is gated on top-1 agreement and the test-accuracy drop.
+
+The model-specific part (which module runs, at which input size) comes from the model's task
+(`Task.inference`); everything here works on that plain `nn.Module`.
 
 Example:
     >>> r = vfmtune.export(overrides=["ckpt=runs/lite0", "quantize=int8"])
@@ -18,55 +21,23 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
-from vfmtune.api import load_model
-from vfmtune.data.prepare import prepare_data
-from vfmtune.runner import as_config_dict, make_run_dir
-from vfmtune.backbones import data_config
-from vfmtune.config import Config, ConfigError
+from vfmtune.config import AugmentConfig, ExportCommand, ExportFormat, Quantize
 from vfmtune.data.images import load_image
+from vfmtune.data.prepare import Prepared
 from vfmtune.data.transforms import build_transforms
-from vfmtune.report import write_json
-
-FORMATS = ("onnx", "torchscript")
+from vfmtune.io import write_json
 
 
 class ExportError(ValueError):
     """The model cannot be exported, or the export does not match the source model."""
-
-
-def inference_module(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-    """(plain nn.Module: normalised images [B, 3, H, W] -> logits [B, C], its timm data config)."""
-    if getattr(model, "hparams", {}).get("task") == "distill":
-        return model.student.eval(), dict(model.data_cfg)
-    cfg = data_config(model.backbone, model.config["backbone"]["img_size"])
-    return nn.Sequential(model.backbone, fold_feature_norm(model.head)).eval(), cfg
-
-
-def fold_feature_norm(head: nn.Sequential) -> nn.Sequential:
-    """Fold the head's leading eval-mode BatchNorm1d into the first Linear: the same function, one op fewer,
-    and the ONNX exporter cannot place a BatchNorm after a ViT's token pooling (unknown channel size)."""
-    layers = list(head)
-    if not layers or not isinstance(layers[0], nn.BatchNorm1d):
-        return head
-    bn, rest = layers[0], layers[1:]
-    i = next(j for j, m in enumerate(rest) if isinstance(m, nn.Linear))
-    lin = rest[i]
-    scale = (bn.running_var + bn.eps).rsqrt() * (bn.weight if bn.affine else 1.0)
-    shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
-    fused = nn.Linear(lin.in_features, lin.out_features)
-    with torch.no_grad():
-        fused.weight.copy_(lin.weight * scale)
-        fused.bias.copy_(lin.bias + lin.weight @ shift)
-    rest[i] = fused
-    return nn.Sequential(*rest).eval()
 
 
 def static_same_padding(module: nn.Module, size: int) -> nn.Module:
@@ -128,7 +99,7 @@ def export_onnx(module: nn.Module, path: Path, size: int, opset: int) -> None:
     try:
         torch.onnx.export(module, (torch.randn(2, 3, size, size),), str(path), input_names=["image"], output_names=["logits"],
                           opset_version=opset, dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    except Exception as e:  # noqa: BLE001 - the exporter raises many types; the op name is in the message
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"ONNX cannot express this model ({type(e).__name__}: {first}). Fix: try export.opset=<higher>, "
                           "or format=torchscript, or replace that op in the model.") from e
@@ -200,7 +171,7 @@ class _Calibration:
     def __init__(self, name: str, batches: list[np.ndarray]) -> None:
         self.feeds = iter([{name: b[i : i + 1]} for b in batches for i in range(len(b))])
 
-    def get_next(self) -> Optional[dict[str, np.ndarray]]:
+    def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.feeds, None)
 
 
@@ -224,10 +195,10 @@ def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray], mode: str
     """Static QDQ INT8 (per-channel weights, calibrated activations; the first Conv left fp32 when
     `keep_first_conv`), or dynamic INT8 (weights only, activation ranges per batch) when asked, or when
     static fails and `allow_dynamic_fallback`. Returns the mode used."""
+    import logging
+
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    import logging
 
     pre = dst.with_suffix(".pre.onnx")
     root = logging.getLogger()
@@ -242,7 +213,7 @@ def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray], mode: str
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=first_conv(pre) if keep_first_conv else [])
         return "static"
-    except Exception as e:  # noqa: BLE001 - fall back, and say why
+    except Exception as e:
         if not allow_dynamic_fallback:
             raise ExportError(f"static INT8 quantization failed ({type(e).__name__}: {e}). Fix: deploy the fp32 model.") from e
         print(f"static INT8 quantization failed ({type(e).__name__}: {e}); using dynamic quantization")
@@ -263,51 +234,41 @@ def _add_metadata(path: Path, meta: dict[str, Any]) -> None:
     onnx.save(proto, str(path))
 
 
-def export(
-    cfg: Config | DictConfig | dict[str, Any] | None = None,
-    *,
-    overrides: Sequence[str] = (),
-    run_dir: Optional[str | Path] = None,
-) -> dict[str, Any]:
-    """Export `ckpt` (classifier or distilled student) to a verified bundle; `quantize=int8` adds an INT8 model.
+def export_bundle(module: nn.Module, dcfg: dict[str, Any], classes: Sequence[str], prepared: Prepared, config: ExportCommand,
+                  out: Path) -> dict[str, Any]:
+    """Export `module` (normalised images [B, 3, H, W] -> logits [B, C]) to a verified bundle in
+    `export.output` (default `out/bundle`); `quantize=int8` adds an INT8 model that must pass its gate.
+
+    Every export is compared with `module` on real images of `prepared` (its test split, else all):
+    fp32 must agree within `export.atol` on class probabilities; INT8 must keep top-1 agreement and
+    test accuracy.
 
     Returns:
-        `{"run_dir", "bundle" (folder), "metrics" (verification, accuracy, latency figures)}`.
+        `{"bundle" (folder), "metrics" (verification, accuracy, latency figures)}`.
 
     Raises:
         ExportError: an op ONNX cannot express, or a mismatch beyond `export.atol` / the INT8 gates.
     """
-    config = as_config_dict(cfg, overrides)
-    fmt, quant, ex = config["format"], config.get("quantize"), config["export"]
-    if not config.get("ckpt"):
-        raise ConfigError("export needs ckpt=PATH (a checkpoint file or run directory).")
-    if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt!r} is not one of {', '.join(FORMATS)}.")
-    if quant not in (None, "int8") or (quant and fmt != "onnx"):
-        raise ConfigError(f"quantize={quant!r}: only quantize=int8 with format=onnx is supported.")
-    out = make_run_dir(run_dir, "export")
-    bundle = Path(ex["output"] or out / "bundle")
+    fmt, quant, ex = config.format, config.quantize, config.export
+    bundle = Path(ex.output or out / "bundle")
     bundle.mkdir(parents=True, exist_ok=True)
-    model = load_model(config["ckpt"])
-    module, dcfg = inference_module(model)
     size = int(dcfg["input_size"][-1])
-    _, eval_tf = build_transforms(dcfg, {"enabled": False})
+    _, eval_tf = build_transforms(dcfg, AugmentConfig(enabled=False))
     policy = preprocessing_policy(eval_tf)
-    run_cfg = {**model.config, "cache_dir": config.get("cache_dir")}
-    prepared = prepare_data(run_cfg, out)
     split = "test" if "test" in prepared.splits else "all"
     test_paths, test_labels = prepared.subset(split)
-    n = ex["verify_images"] or len(test_paths)
+    n = ex.verify_images or len(test_paths)
     xs = list(_batches(test_paths, eval_tf))
     with torch.inference_mode():
         ref = np.concatenate([module(torch.from_numpy(x)).numpy() for x in xs])
-    metrics: dict[str, Any] = {"source_checkpoint": str(config["ckpt"]), "format": fmt, "eval_split": split, "n_eval_images": len(test_paths),
-                               "params": sum(p.numel() for p in module.parameters()), f"{split}_accuracy_source": _accuracy(ref, test_labels)}
-    repeats = ex["latency_repeats"]
+    metrics: dict[str, Any] = {"source_checkpoint": str(config.ckpt), "format": str(fmt), "eval_split": split,
+                               "n_eval_images": len(test_paths), "params": sum(p.numel() for p in module.parameters()),
+                               f"{split}_accuracy_source": _accuracy(ref, test_labels)}
+    repeats = ex.latency_repeats
     # ONNX metadata of the fp32 and INT8 models (read back with get_modelmeta().custom_metadata_map)
-    onnx_meta = {"class_names": model.classes, "input_size": [3, size, size], "mean": policy["mean"], "std": policy["std"],
+    onnx_meta = {"class_names": list(classes), "input_size": [3, size, size], "mean": policy["mean"], "std": policy["std"],
                  "preprocessing": policy}
-    if fmt == "torchscript":
+    if fmt == ExportFormat.torchscript:
         path = bundle / "model.pt"
         with torch.inference_mode():
             traced = torch.jit.trace(module, torch.from_numpy(xs[0][:2]))
@@ -317,27 +278,27 @@ def export(
             got = np.concatenate([loaded(torch.from_numpy(x)).numpy() for x in xs])
     else:
         path = bundle / "model.onnx"
-        export_onnx(static_same_padding(copy.deepcopy(module), size), path, size, ex["opset"])  # verified against `module` below
+        export_onnx(static_same_padding(copy.deepcopy(module), size), path, size, ex.opset)  # verified against `module` below
         _add_metadata(path, onnx_meta)
         session = _session(path)
         got = np.concatenate([_run(session, x) for x in xs])
     check = _compare(ref[:n], got[:n])
-    metrics.update({"max_abs_diff": check["max_abs_diff"], "max_abs_diff_probs": check["max_abs_diff_probs"], "top1_agreement": check["top1_agreement"], f"{split}_accuracy": _accuracy(got, test_labels),
-                    f"{split}_macro_f1": _macro_f1(got, test_labels, len(model.classes))})
+    metrics.update({**check, f"{split}_accuracy": _accuracy(got, test_labels),
+                    f"{split}_macro_f1": _macro_f1(got, test_labels, len(classes))})
     print(f"{fmt} vs source on {min(n, len(ref))} real images: max abs diff {check['max_abs_diff_probs']:.2e} (probabilities), "
           f"{check['max_abs_diff']:.2e} (logits), top-1 agreement {check['top1_agreement']:.3f}")
     # The gate is on probabilities: they are scale-free, whereas a BN-normalised linear probe turns the
     # ~6e-6 feature differences between onnxruntime's and torch's fused ViT kernels into ~1e-4 logit noise.
-    if not check["max_abs_diff_probs"] <= ex["atol"]:
+    if not check["max_abs_diff_probs"] <= ex.atol:
         raise ExportError(f"The {fmt} export differs from the source model by {check['max_abs_diff_probs']:.2e} (probabilities) > "
                           f"export.atol={ex['atol']:.0e} on real images: do not deploy it. Fix: report the model; try another "
                           "export.opset or format.")
     model_file = path.name
-    if fmt == "onnx" and quant != "int8":
+    if fmt == ExportFormat.onnx and quant is None:
         for b in (1, 32):
             metrics[f"latency_ms_b{b}"] = latency_ms(lambda x: _run(session, x), size, b, repeats)
-    if quant == "int8":
-        train_paths = prepared.subset("train")[0][: ex["calibration_images"]]
+    if quant == Quantize.int8:
+        train_paths = prepared.subset("train")[0][: ex.calibration_images]
         q_path = bundle / "model.int8.onnx"
         calibration = list(_batches(train_paths, eval_tf))
         # Dynamic INT8 is the fallback when static fails or misses the gate, for transformer-like graphs only:
@@ -346,12 +307,12 @@ def export(
         attempts = ("static",) if conv_dominated(path) else ("static", "dynamic")
         for attempt in attempts:
             mode = quantize_int8(path, q_path, calibration, attempt, allow_dynamic_fallback=len(attempts) > 1,
-                                 keep_first_conv=ex["int8_keep_first_conv"])
+                                 keep_first_conv=ex.int8_keep_first_conv)
             q_session = _session(q_path)
             q = np.concatenate([_run(q_session, x) for x in xs])
             q_check = _compare(got, q)
             drop = metrics[f"{split}_accuracy"] - _accuracy(q, test_labels)
-            passed = q_check["top1_agreement"] >= ex["min_top1_agreement"] and drop <= ex["max_accuracy_drop"]
+            passed = q_check["top1_agreement"] >= ex.min_top1_agreement and drop <= ex.max_accuracy_drop
             print(f"int8 ({mode}): top-1 agreement {q_check['top1_agreement']:.3f}, {split} accuracy drop {drop:+.4f}"
                   + ("" if passed else " -> fails the gate"))
             metrics[f"int8_{mode}_top1_agreement"], metrics[f"int8_{mode}_accuracy_drop"] = q_check["top1_agreement"], round(drop, 4)
@@ -362,7 +323,7 @@ def export(
         _add_metadata(q_path, onnx_meta)
         metrics.update({"int8_mode": mode, "int8_max_abs_diff": q_check["max_abs_diff"], "int8_top1_agreement": q_check["top1_agreement"],
                         f"int8_{split}_accuracy": _accuracy(q, test_labels), "int8_accuracy_drop": round(drop, 4),
-                        f"int8_{split}_macro_f1": _macro_f1(q, test_labels, len(model.classes))})
+                        f"int8_{split}_macro_f1": _macro_f1(q, test_labels, len(classes))})
         for b in (1, 32):  # fp32 and INT8 timed in alternation: the speed-up compares like with like
             t = paired_latency_ms({"fp32": lambda x: _run(session, x), "int8": lambda x: _run(q_session, x)}, size, b, repeats)
             metrics[f"latency_ms_b{b}"], metrics[f"int8_latency_ms_b{b}"] = t["fp32"], t["int8"]
@@ -372,18 +333,18 @@ def export(
         if not passed:
             write_json(out / "metrics.json", metrics)
             raise ExportError(f"INT8 model fails its gate: top-1 agreement {q_check['top1_agreement']:.3f} (need >= "
-                              f"{ex['min_top1_agreement']}), {split} accuracy drop {drop:.4f} (allowed {ex['max_accuracy_drop']}), "
+                              f"{ex.min_top1_agreement}), {split} accuracy drop {drop:.4f} (allowed {ex.max_accuracy_drop}), "
                               f"tried: {', '.join(attempts)}. The fp32 model in {bundle} is verified. Fix: deploy fp32, or loosen "
                               f"export.min_top1_agreement / export.max_accuracy_drop knowingly. Figures: {out / 'metrics.json'}")
         model_file = q_path.name
-    run_metrics = _source_metrics(config["ckpt"])
-    info = {"model": model_file, "fp32_model": path.name, "format": fmt, "class_names": model.classes, "input_size": [3, size, size],
-            "mean": policy["mean"], "std": policy["std"], "preprocessing": policy, "source_checkpoint": str(Path(config["ckpt"]).resolve()),
-            "source_metrics": run_metrics, "export_metrics": metrics}
+    run_metrics = _source_metrics(str(config.ckpt))
+    info = {"model": model_file, "fp32_model": path.name, "format": str(fmt), "class_names": list(classes), "input_size": [3, size, size],
+            "mean": policy["mean"], "std": policy["std"], "preprocessing": policy,
+            "source_checkpoint": str(Path(str(config.ckpt)).resolve()), "source_metrics": run_metrics, "export_metrics": metrics}
     write_json(bundle / "bundle.json", info)
     write_json(out / "metrics.json", metrics)
     print(f"bundle written to {bundle}")
-    return {"run_dir": str(out), "bundle": str(bundle), "metrics": metrics}
+    return {"bundle": str(bundle), "metrics": metrics}
 
 
 def _source_metrics(ckpt: str) -> dict[str, Any]:

@@ -17,16 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
-import torch
 from sklearn.model_selection import StratifiedKFold
-from torch import nn
-from typing_extensions import override
 
 from vfmtune.config import ConfigError
 from vfmtune.data.images import DataError
-from vfmtune.metrics import classification_metrics, flatten
+from vfmtune.io import atomic_path
 
 CV_MARKER = "cv.json"
 
@@ -67,12 +63,10 @@ def fold_splits(splits: Sequence[str], folds: Sequence[int], fold: int) -> list[
 
 def save_folds(path: str | os.PathLike, paths: Sequence[str], labels: Sequence[int], classes: Sequence[str], folds: Sequence[int]) -> None:
     """`path,label,fold` rows (fold = test for the held-out split), so the folds can be audited and reused."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "fold"])
         writer.writerows((p, classes[y], "test" if k < 0 else k) for p, y, k in zip(paths, labels, folds))
-    os.replace(tmp, path)
 
 
 def aggregate(fold_metrics: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -95,74 +89,3 @@ def fold_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     root = Path(run_dir).expanduser()
     info = json.loads((root / CV_MARKER).read_text())
     return [root / d for d in info["fold_runs"]]
-
-
-class Ensemble(L.LightningModule):
-    """Averages the class probabilities of several classifiers (e.g. the k fold models of a cv run).
-
-    `forward` returns log of the mean probabilities [B, C], so argmax and softmax behave as for one
-    model. When every member has the same frozen backbone (a frozen-backbone cv run), the backbone
-    runs once per batch and only the heads differ.
-
-    Args:
-        members: trained `Classifier`s with the same classes.
-        shared_backbone: all members' backbones are frozen and identical.
-
-    Example:
-        >>> model = vfmtune.load_model("runs/cv/<date>")  # an Ensemble of the fold models
-        >>> probs = model(images).exp()  # [B, C]
-    """
-
-    def __init__(self, members: Sequence[nn.Module], shared_backbone: bool = False) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.classes = list(members[0].classes)
-        self.config = members[0].config
-        self.shared_backbone = shared_backbone
-        self.test_metrics = classification_metrics(len(self.classes))
-        self.eval_results: dict[str, dict[str, Any]] = {}
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.members[0].backbone
-
-    @property
-    def progressive(self) -> bool:
-        return bool(self.members[0].progressive)
-
-    @property
-    def embeddings_input(self) -> bool:
-        return bool(self.members[0].embeddings_input)
-
-    @embeddings_input.setter
-    def embeddings_input(self, value: bool) -> None:
-        for m in self.members:
-            m.embeddings_input = value
-
-    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.shared_backbone and not self.embeddings_input:
-            feats = self.backbone(inputs)
-            probs = torch.stack([m.head(feats).softmax(-1) for m in self.members])
-        else:
-            probs = torch.stack([m.logits(inputs).softmax(-1) for m in self.members])
-        return probs.mean(0).clamp(min=1e-12).log()
-
-    @override
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] -> log mean probabilities [B, C]."""
-        return self.logits(images)
-
-    @override
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.test_metrics.update(self.logits(x).argmax(-1), y)
-
-    @override
-    def on_test_epoch_end(self) -> None:
-        self.eval_results["test"] = flatten(self.test_metrics.compute(), "test", self.classes)
-        self.test_metrics.reset()
-
-    @override
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.logits(x).exp()

@@ -6,16 +6,16 @@ validation or test counts would leak held-out information into training.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
-from vfmtune.config import ConfigError
+from vfmtune.config import ConfigError, LossConfig, LossName
 
-LOSSES = ("ce", "weighted_ce", "focal")
 WEIGHT_SCHEMES = ("balanced", "effective_number")
 
 
@@ -38,7 +38,8 @@ def class_weights(counts: Sequence[int], scheme: Any, beta: float = 0.999, key: 
     if isinstance(scheme, (list, tuple)) or (hasattr(scheme, "__len__") and not isinstance(scheme, str)):
         weights = [float(w) for w in scheme]
         if len(weights) != n_classes:
-            raise ConfigError(f"{key} has {len(weights)} values but the data has {n_classes} classes. Fix: give one weight per class, in class order.")
+            raise ConfigError(f"{key} has {len(weights)} values but the data has {n_classes} classes. "
+                              "Fix: give one weight per class, in class order.")
         if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
             raise ConfigError(f"{key}={weights}: weights must be >= 0 and not all zero.")
         return torch.tensor(weights, dtype=torch.float32)
@@ -69,7 +70,7 @@ class FocalLoss(nn.Module):
         >>> FocalLoss(gamma=2.0)(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
     """
 
-    def __init__(self, gamma: float = 2.0, alpha: Optional[torch.Tensor] = None, label_smoothing: float = 0.0) -> None:
+    def __init__(self, gamma: float = 2.0, alpha: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.gamma = gamma
         self.label_smoothing = label_smoothing
@@ -104,7 +105,7 @@ class LogitAdjustedLoss(nn.Module):
         return self.base(logits + self.offset, target)
 
 
-def build_loss(cfg: dict[str, Any], class_counts: Optional[Sequence[int]] = None) -> nn.Module:
+def build_loss(cfg: LossConfig, class_counts: Sequence[int] | None = None) -> nn.Module:
     """The training loss: logits [B, C] and labels [B] -> scalar.
 
     Args:
@@ -113,10 +114,10 @@ def build_loss(cfg: dict[str, Any], class_counts: Optional[Sequence[int]] = None
             and logit adjustment.
 
     Example:
-        >>> build_loss({"name": "weighted_ce", "class_weights": "balanced", "label_smoothing": 0.0}, [90, 10])
+        >>> build_loss(LossConfig(name="weighted_ce", class_weights="balanced"), [90, 10])
     """
-    name = cfg["name"]
-    smoothing = float(cfg.get("label_smoothing", 0.0))
+    name = cfg.name
+    smoothing = float(cfg.label_smoothing)
     if not 0.0 <= smoothing < 1.0:
         raise ConfigError(f"loss.label_smoothing={smoothing} is out of range. Fix: use a value in [0, 1).")
 
@@ -125,21 +126,17 @@ def build_loss(cfg: dict[str, Any], class_counts: Optional[Sequence[int]] = None
             raise ConfigError(f"{what} needs the training split's class counts.")
         return class_counts
 
-    if name == "ce":
-        loss: nn.Module = nn.CrossEntropyLoss(label_smoothing=smoothing)
-    elif name == "weighted_ce":
-        weights = class_weights(counts("loss=weighted_ce"), cfg.get("class_weights", "balanced"), cfg.get("beta", 0.999))
-        loss = nn.CrossEntropyLoss(weight=weights, label_smoothing=smoothing)
-    elif name == "focal":
-        gamma = float(cfg.get("gamma", 2.0))
-        if gamma < 0:
-            raise ConfigError(f"loss.gamma={gamma} must be >= 0 (2 is the paper's choice).")
-        alpha = cfg.get("alpha")
-        alpha_t = None if alpha is None else class_weights(counts("loss.alpha"), alpha, cfg.get("beta", 0.999), "loss.alpha")
-        loss = FocalLoss(gamma, alpha_t, smoothing)
+    if name == LossName.weighted_ce:
+        weights = class_weights(counts("loss=weighted_ce"), cfg.class_weights, cfg.beta)
+        loss: nn.Module = nn.CrossEntropyLoss(weight=weights, label_smoothing=smoothing)
+    elif name == LossName.focal:
+        if cfg.gamma < 0:
+            raise ConfigError(f"loss.gamma={cfg.gamma} must be >= 0 (2 is the paper's choice).")
+        alpha_t = None if cfg.alpha is None else class_weights(counts("loss.alpha"), cfg.alpha, cfg.beta, "loss.alpha")
+        loss = FocalLoss(float(cfg.gamma), alpha_t, smoothing)
     else:
-        raise ConfigError(f"loss.name={name!r} is not one of {', '.join(LOSSES)} (e.g. loss=focal).")
-    tau = float(cfg.get("logit_adjust_tau", 0.0) or 0.0)
+        loss = nn.CrossEntropyLoss(label_smoothing=smoothing)
+    tau = float(cfg.logit_adjust_tau or 0.0)
     if tau:
         c = torch.tensor([float(n) for n in counts("loss.logit_adjust_tau")])
         loss = LogitAdjustedLoss(loss, c / c.sum(), tau)

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: runs on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Atomic JSON write (tmp + os.replace) so a crash never leaves half a metrics file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike, title: str) -> None:
@@ -35,23 +26,28 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
     plt.close(fig)
 
 
-def plot_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> bool:
-    """Loss and validation metrics per epoch from Lightning's CSVLogger file; False if nothing to plot."""
+CLASS_CURVES = ("val/macro_f1", "val/balanced_accuracy", "val/accuracy")
+
+
+def plot_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike, metrics: Sequence[str] = CLASS_CURVES) -> bool:
+    """Training and validation loss and the validation `metrics` per epoch from Lightning's CSVLogger
+    file; False if there is nothing to plot."""
     if not Path(metrics_csv).is_file():
         return False
-    rows = list(csv.DictReader(open(metrics_csv)))
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
     series: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         if not row.get("epoch"):
             continue
-        for key in ("train/loss_epoch", "val/loss", "val/macro_f1", "val/balanced_accuracy", "val/accuracy"):
+        for key in ("train/loss_epoch", "val/loss", *metrics):
             if row.get(key):
                 series.setdefault(key, []).append((float(row["epoch"]), float(row[key])))
     if not series:
         return False
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     for key, points in series.items():
-        ax = ax_loss if key.endswith("loss") or key.endswith("loss_epoch") else ax_metric
+        ax = ax_loss if key.endswith(("loss", "loss_epoch")) else ax_metric
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker=".", label=key)
     for ax, title in ((ax_loss, "loss"), (ax_metric, "validation")):
@@ -68,9 +64,8 @@ def plot_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> bool
 def results_table(metrics: dict[str, Any], classes: Sequence[str], prefix: str = "test") -> str:
     """Overall metrics and a per-class precision / recall / F1 table."""
     lines = [f"{prefix} results"]
-    for name in ("accuracy", "balanced_accuracy", "macro_f1"):
-        if f"{prefix}/{name}" in metrics:
-            lines.append(f"  {name:<18} {metrics[f'{prefix}/{name}']:.4f}")
+    lines += [f"  {name:<18} {metrics[f'{prefix}/{name}']:.4f}" for name in ("accuracy", "balanced_accuracy", "macro_f1")
+              if f"{prefix}/{name}" in metrics]
     width = max(len(c) for c in classes) + 2
     lines.append(f"  {'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     matrix = metrics.get(f"{prefix}/confusion_matrix")
@@ -119,3 +114,18 @@ def plot_per_class(metrics: dict[str, Any], classes: Sequence[str], prefix: str,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def classification_report(metrics: dict[str, Any], classes: Sequence[str], run_dir: Path, prefixes: Sequence[str]) -> None:
+    """Confusion matrices, per-class bars and curves into `run_dir/plots`; the results table printed."""
+    plots = Path(run_dir) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    for prefix in prefixes:
+        if f"{prefix}/confusion_matrix" in metrics:
+            plot_confusion_matrix(metrics[f"{prefix}/confusion_matrix"], classes, plots / f"confusion_matrix_{prefix}.png",
+                                  f"{prefix} confusion matrix")
+            plot_per_class(metrics, classes, prefix, plots / f"per_class_{prefix}.png")
+    plot_curves(Path(run_dir) / "logs" / "metrics.csv", plots / "curves.png")
+    for prefix in prefixes:
+        if f"{prefix}/accuracy" in metrics:
+            print(results_table(metrics, classes, prefix))

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageOps
 
-ImageLike = Union[str, Path, Image.Image]
+ImageLike = str | Path | Image.Image
 _RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "box": Image.BOX,
              "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 
@@ -60,7 +61,7 @@ def preprocess(image: ImageLike, policy: dict[str, Any]) -> np.ndarray:
     if "crop" in policy:
         th, tw = policy["crop"]
         w, h = im.size
-        top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+        top, left = round((h - th) / 2.0), round((w - tw) / 2.0)
         im = im.crop((left, top, left + tw, top + th))
     x = np.asarray(im, dtype=np.float32) / 255.0
     x = (x - np.asarray(policy["mean"], np.float32)) / np.asarray(policy["std"], np.float32)

@@ -2,7 +2,7 @@
 
 Two different tools, both applied to the TRAINING split only:
 
-- `balanced_sampler`: draws training samples with replacement, each class equally likely. Works on
+- `BalancedSampler`: draws training samples with replacement, each class equally likely. Works on
   images (fresh augmentation per draw) or cached embeddings. Under DDP, Lightning wraps any
   non-default sampler in its `DistributedSamplerWrapper`, which gives each rank a disjoint share of
   the same draw; the draw is seeded per epoch so every rank makes the same one.
@@ -13,16 +13,16 @@ Two different tools, both applied to the TRAINING split only:
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import WeightedRandomSampler
 from typing_extensions import override
 
-from vfmtune.config import ConfigError
+from vfmtune.config import Config, ConfigError, ResampleConfig, ResampleMethod, SamplerName
 
-SAMPLERS = ("shuffle", "balanced")
 # resample.method -> (imblearn class path, whether it interpolates between k nearest neighbours)
 RESAMPLERS: dict[str, tuple[str, bool]] = {
     "smote": ("imblearn.over_sampling.SMOTE", True),
@@ -66,28 +66,22 @@ class BalancedSampler(WeightedRandomSampler):
         return super().__iter__()
 
 
-def build_sampler(name: str, labels: Sequence[int], seed: int) -> BalancedSampler | None:
+def build_sampler(name: SamplerName, labels: Sequence[int], seed: int) -> BalancedSampler | None:
     """The training sampler for `data.sampler`: None (plain shuffling) or a `BalancedSampler`."""
-    if name == "shuffle":
-        return None
-    if name == "balanced":
-        return BalancedSampler(labels, seed=seed)
-    raise ConfigError(f"data.sampler={name!r} is not one of {', '.join(SAMPLERS)}.")
+    return BalancedSampler(labels, seed=seed) if name == SamplerName.balanced else None
 
 
-def check_resample(cfg: dict[str, Any], train_counts: Sequence[int], classes: Sequence[str]) -> None:
+def check_resample(cfg: ResampleConfig, train_counts: Sequence[int], classes: Sequence[str]) -> None:
     """Fail before training when imbalanced-learn would fail (or silently do nothing) on this data.
 
     SMOTE-type methods interpolate between a sample and its `k_neighbors` nearest neighbours of
     the same class, so every class they oversample needs more than `k_neighbors` samples.
     """
-    method = cfg["method"]
-    if method == "none":
+    method = cfg.method
+    if method == ResampleMethod.none:
         return
-    if method not in RESAMPLERS:
-        raise ConfigError(f"resample={method!r} is not one of none, {', '.join(RESAMPLERS)}.")
     _, uses_knn = RESAMPLERS[method]
-    k = int(cfg["k_neighbors"])
+    k = int(cfg.k_neighbors)
     if uses_knn:
         if k < 1:
             raise ConfigError(f"resample.k_neighbors={k} must be >= 1.")
@@ -103,7 +97,7 @@ def check_resample(cfg: dict[str, Any], train_counts: Sequence[int], classes: Se
             )
 
 
-def check_imbalance_options(config: dict[str, Any], use_cache: bool, train_counts: Sequence[int], classes: Sequence[str]) -> bool:
+def check_imbalance_options(config: Config, use_cache: bool, train_counts: Sequence[int], classes: Sequence[str]) -> bool:
     """Validate `data.sampler`, `data.oversample_augment` and `resample` before training.
 
     Args:
@@ -116,29 +110,28 @@ def check_imbalance_options(config: dict[str, Any], use_cache: bool, train_count
         Whether to train on cached embeddings: False with `data.oversample_augment=true`, where
         the frozen backbone must see every freshly augmented repeat.
     """
-    data, method = config["data"], config["resample"]["method"]
-    if data["sampler"] not in SAMPLERS:
-        raise ConfigError(f"data.sampler={data['sampler']!r} is not one of {', '.join(SAMPLERS)}.")
-    if data["oversample_augment"]:
-        if data["sampler"] != "balanced":
-            raise ConfigError("data.oversample_augment=true repeats minority images with fresh augmentations, so it needs data.sampler=balanced.")
-        if not data["augment"]["enabled"]:
+    data, method = config.data, config.resample.method
+    if data.oversample_augment:
+        if data.sampler != SamplerName.balanced:
+            raise ConfigError("data.oversample_augment=true repeats minority images with fresh augmentations, "
+                              "so it needs data.sampler=balanced.")
+        if not data.augment.enabled:
             raise ConfigError("data.oversample_augment=true needs data.augment.enabled=true (otherwise repeats are identical).")
-        if method != "none":
+        if method != ResampleMethod.none:
             raise ConfigError(f"resample={method} works on cached embeddings, data.oversample_augment=true on images: pick one.")
         use_cache = False
-    if method != "none":
+    if method != ResampleMethod.none:
         if not use_cache:
             raise ConfigError(
                 f"resample={method} resamples cached embeddings, so it needs a frozen backbone with the cache "
                 "(finetune=frozen finetune.cache_embeddings=true). Fix: use data.sampler=balanced or loss=weighted_ce instead."
             )
-        check_resample(config["resample"], train_counts, classes)
+        check_resample(config.resample, train_counts, classes)
     return use_cache
 
 
 def resample_embeddings(
-    features: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any], classes: Sequence[str], seed: int
+    features: torch.Tensor, labels: torch.Tensor, cfg: ResampleConfig, classes: Sequence[str], seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample the training split's embeddings with imbalanced-learn.
 
@@ -153,29 +146,29 @@ def resample_embeddings(
         `(features [M, D], labels [M])`; synthetic rows (SMOTE, ADASYN) are appended after the real ones.
 
     Example:
-        >>> x, y = resample_embeddings(feats, labels, {"method": "smote", "k_neighbors": 5, "sampling_strategy": "auto"}, classes, 0)
+        >>> x, y = resample_embeddings(feats, labels, ResampleConfig(method="smote"), classes, 0)
     """
     import importlib
 
-    method = cfg["method"]
+    method = cfg.method
     counts = np.bincount(labels.numpy(), minlength=len(classes)).tolist()
     check_resample(cfg, counts, classes)
-    if method == "none":
+    if method == ResampleMethod.none:
         return features, labels
     path, uses_knn = RESAMPLERS[method]
     module, name = path.rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
-    strategy = cfg["sampling_strategy"]
+    strategy = cfg.sampling_strategy
     strategy = dict(strategy) if hasattr(strategy, "keys") else strategy
     kwargs: dict[str, Any] = {"sampling_strategy": strategy, "random_state": seed}
     if method == "smote_tomek":
         from imblearn.over_sampling import SMOTE
 
-        kwargs["smote"] = SMOTE(sampling_strategy=strategy, k_neighbors=int(cfg["k_neighbors"]), random_state=seed)
+        kwargs["smote"] = SMOTE(sampling_strategy=strategy, k_neighbors=int(cfg.k_neighbors), random_state=seed)
     elif method == "adasyn":
-        kwargs["n_neighbors"] = int(cfg["k_neighbors"])
+        kwargs["n_neighbors"] = int(cfg.k_neighbors)
     elif uses_knn:
-        kwargs["k_neighbors"] = int(cfg["k_neighbors"])
+        kwargs["k_neighbors"] = int(cfg.k_neighbors)
     try:
         x, y = cls(**kwargs).fit_resample(features.double().numpy(), labels.numpy())
     except (ValueError, RuntimeError) as e:

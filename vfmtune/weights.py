@@ -16,7 +16,6 @@ import os
 import pickle
 import re
 import socket
-import tempfile
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -24,6 +23,9 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+
+from vfmtune.cache import cache_dir
+from vfmtune.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -46,21 +48,6 @@ _ALTERNATIVES = (
 
 class WeightsError(RuntimeError):
     """Weights could not be found, read, converted or loaded; the message says how to fix it."""
-
-
-def cache_dir() -> Path:
-    """Return vfmtune's cache directory, creating it on demand.
-
-    ``$VFMTUNE_CACHE`` if set, else ``$XDG_CACHE_HOME/vfmtune`` (default ``~/.cache/vfmtune``).
-
-    Example:
-        >>> cache_dir().is_dir()
-        True
-    """
-    root = os.environ.get("VFMTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "vfmtune"
-    path = Path(root).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -292,19 +279,9 @@ def verify_packaged(state_dict: Mapping[str, torch.Tensor], onnx_path: str | os.
 
 
 def _save_atomic(state_dict: Mapping[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
-    """Write via a temp file in the same directory so readers never see a half-written file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache should stay readable like any download
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Readers never see a half-written file (`vfmtune.io.atomic_path`)."""
+    with atomic_path(target) as tmp:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
 
 
 def _env_true(name: str) -> bool:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from timm.models import group_parameters
 from torch import nn
 
-from vfmtune.adapt.layer_decay import timm_model
-from vfmtune.config import ConfigError
+from vfmtune.backbones import timm_model
+from vfmtune.config import ConfigError, FinetuneMode
 
-# progressive and lora start from a frozen backbone: an unfreezing schedule / peft adapters add to it.
-FINETUNE_MODES = ("frozen", "last_blocks", "full", "progressive", "lora")
 _BLOCK_NAME = re.compile(r"(^|\.)(blocks|layers?|stages?)_?\.?\d")  # blocks.3, layer3, stages.2
 
 
@@ -84,7 +82,7 @@ def _match(names: Sequence[str], patterns: Sequence[str], key: str) -> set[str]:
 
 def apply_finetune(
     backbone: nn.Module,
-    mode: str,
+    mode: FinetuneMode | str,
     n_blocks: int = 2,
     freeze: Sequence[str] = (),
     unfreeze: Sequence[str] = (),
@@ -94,7 +92,8 @@ def apply_finetune(
     Args:
         backbone: a timm model.
         mode: "frozen" (nothing trains), "last_blocks" (the last `n_blocks` blocks and the final
-            norm train), or "full".
+            norm train), or "full"; "progressive" and "lora" start frozen (an unfreezing schedule or
+            peft adapters add to it).
         n_blocks: for "last_blocks".
         freeze: fnmatch patterns of parameter names frozen after the mode is applied.
         unfreeze: fnmatch patterns trained even when the mode froze them (e.g. "*norm*").
@@ -102,8 +101,7 @@ def apply_finetune(
     Example:
         >>> apply_finetune(backbone, "last_blocks", n_blocks=4, unfreeze=["pos_embed"])
     """
-    if mode not in FINETUNE_MODES:
-        raise ConfigError(f"finetune.mode={mode!r} is not one of {', '.join(FINETUNE_MODES)}.")
+    mode = FinetuneMode.parse(mode, "finetune.mode")
     params = dict(backbone.named_parameters())
     names = list(params)
     if mode == "full":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vfmtune.checkpoint import load_checkpoint, resolve_checkpoint
-from vfmtune.config import ConfigError
+from vfmtune.config import ConfigError, FinetuneMode, to_container
 
 if TYPE_CHECKING:
     from vfmtune.tasks.classifier import Classifier
@@ -60,14 +60,15 @@ def init_head_from(model: Classifier, source: str | os.PathLike[str]) -> Path:
     if list(hp["classes"]) != model.classes:
         raise ConfigError(f"{where}: its classes {list(hp['classes'])} differ from this run's {model.classes}. "
                           "Train the probe on the same data.")
+    mine = to_container(model.config)
     for group, keys in (("backbone", SAME_FEATURES), ("head", SAME_HEAD)):
         for key in keys:
-            theirs, ours = src[group].get(key), model.config[group].get(key)
+            theirs, ours = src[group].get(key), mine[group].get(key)
             if theirs != ours:
                 raise ConfigError(f"{where}: its {group}.{key}={theirs!r} but this run has {group}.{key}={ours!r}; "
                                   f"the head only fits the features it was trained on. Set {group}.{key}={theirs!r} "
                                   "here, or train the probe with this run's setting.")
-    if src["head"].get("feature_norm") and model.config["finetune"]["mode"] != "frozen":
+    if src["head"].get("feature_norm") and model.config.finetune.mode != FinetuneMode.frozen:
         warnings.warn(f"{where}: the probe's head normalises features with BatchNorm, and leans on near-constant "
                       "feature channels that augmentation and fine-tuning move (first-epoch losses of ~30 on the "
                       "textile set). Train the probe and this run with head.feature_norm=false.", stacklevel=2)

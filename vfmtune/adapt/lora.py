@@ -17,8 +17,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vfmtune.config import ConfigError
+from vfmtune.config import ConfigError, FinetuneConfig
 from vfmtune.embedding_cache import weights_digest
+from vfmtune.io import atomic_path, write_text
 
 # timm's ViT, DINOv2, EVA and SAM encoders all name their layers blocks.N.attn.{qkv,proj} and
 # blocks.N.mlp.{fc1,fc2} (SAM's lin1/lin2 are renamed on load), so one table serves the families.
@@ -37,7 +38,7 @@ def lora_targets(targets: Any) -> list[str]:
     return [str(t) for t in targets]
 
 
-def apply_lora(backbone: nn.Module, ft: dict[str, Any]) -> PeftModel:
+def apply_lora(backbone: nn.Module, ft: FinetuneConfig) -> PeftModel:
     """Wrap a (frozen) timm backbone in peft LoRA adapters on the `finetune.targets` layers.
 
     Args:
@@ -45,10 +46,10 @@ def apply_lora(backbone: nn.Module, ft: dict[str, Any]) -> PeftModel:
         ft: the `finetune` config section (rank, alpha, dropout, targets, use_dora).
 
     Example:
-        >>> peft_backbone = apply_lora(vit, {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": "attn", "use_dora": False})
+        >>> peft_backbone = apply_lora(vit, FinetuneConfig(mode="lora", rank=8, targets="attn"))
         >>> feats = peft_backbone(images)  # [B, D], as before
     """
-    suffixes = lora_targets(ft["targets"])
+    suffixes = lora_targets(ft.targets)
     linear_names = [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear)]
     for suffix in suffixes:
         if not any(n == suffix or n.endswith("." + suffix) for n in linear_names):
@@ -56,14 +57,14 @@ def apply_lora(backbone: nn.Module, ft: dict[str, Any]) -> PeftModel:
                 f"finetune.targets: {suffix!r} matches no linear layer of this backbone. Presets: "
                 f"{', '.join(TARGET_PRESETS)}; linear layers look like {', '.join(linear_names[:4])}, ..."
             )
-    if ft["rank"] < 1:
-        raise ConfigError(f"finetune.rank={ft['rank']} must be >= 1 (8-16 is usual).")
+    if ft.rank < 1:
+        raise ConfigError(f"finetune.rank={ft.rank} must be >= 1 (8-16 is usual).")
     config = LoraConfig(
-        r=int(ft["rank"]),
-        lora_alpha=float(ft["alpha"]),
-        lora_dropout=float(ft["dropout"]),
+        r=int(ft.rank),
+        lora_alpha=float(ft.alpha),
+        lora_dropout=float(ft.dropout),
         target_modules=suffixes,
-        use_dora=bool(ft.get("use_dora", False)),
+        use_dora=bool(ft.use_dora),
         bias="none",
     )
     return get_peft_model(backbone, config)
@@ -79,49 +80,48 @@ def base_weights_digest(backbone: nn.Module) -> str:
     })
 
 
-def save_adapter(model: Any, folder: str | Path) -> Path:
-    """Write a LoRA classifier's adapter (peft-standard) plus head and metadata into `folder`."""
+def save_adapter(backbone: PeftModel, head: nn.Module, meta: dict[str, Any], folder: str | Path) -> Path:
+    """Write a peft-standard adapter (`save_pretrained`), the head and `vfmtune.json` (the caller's
+    `meta`, e.g. classes and config, plus the base weights' digest) into `folder`."""
     folder = Path(folder)
-    backbone: PeftModel = model.backbone
     backbone.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, folder / "head.safetensors")
-    meta = {"classes": model.classes, "config": model.config, "base_digest": base_weights_digest(backbone)}
-    (folder / "vfmtune.json").write_text(json.dumps(meta, indent=2))
+    with atomic_path(folder / "head.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp))
+    write_text(folder / "vfmtune.json", json.dumps({**meta, "base_digest": base_weights_digest(backbone)}, indent=2))
     return folder
 
 
-def load_adapter(folder: str | Path, backbone_overrides: dict[str, Any] | None = None) -> Any:
-    """A classifier rebuilt from an adapter folder: the base backbone (from its configured weights, or
-    `backbone_overrides`), the adapter and the head. Another base backbone is a ConfigError.
-
-    Example:
-        >>> model = load_adapter("runs/train/lora/adapter")
-    """
-    from vfmtune.tasks.classifier import Classifier
-
+def read_adapter_meta(folder: str | Path) -> dict[str, Any]:
+    """`vfmtune.json` of an adapter folder written by `save_adapter`."""
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file() or not (folder / "vfmtune.json").is_file():
         raise FileNotFoundError(f"{folder}: not a vfmtune adapter folder (adapter_config.json, vfmtune.json missing).")
-    meta = json.loads((folder / "vfmtune.json").read_text())
-    config = {**meta["config"], "backbone": {**meta["config"]["backbone"], **(backbone_overrides or {})}}
-    # Built without adapters (mode frozen); peft then injects and loads the saved ones.
-    model = Classifier({**config, "finetune": {**config["finetune"], "mode": "frozen"}}, meta["classes"])
+    return json.loads((folder / "vfmtune.json").read_text())
+
+
+def load_adapter(backbone: nn.Module, head: nn.Module, folder: str | Path) -> PeftModel:
+    """Inject and load a saved adapter into `backbone` (its plain base model) and the saved head into
+    `head`; another base backbone (by weights digest) is a ConfigError.
+
+    Example:
+        >>> backbone = load_adapter(create_backbone(...), head, "runs/train/lora/adapter")
+    """
+    folder = Path(folder)
+    meta = read_adapter_meta(folder)
+    name = meta["config"]["backbone"]["name"]
     try:
-        backbone = PeftModel.from_pretrained(model.backbone, folder)
+        peft_backbone = PeftModel.from_pretrained(backbone, folder)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(f"{folder}: the adapter does not fit backbone {config['backbone']['name']!r} ({e}).") from e
-    digest = base_weights_digest(backbone)
+        raise ConfigError(f"{folder}: the adapter does not fit this backbone ({e}).") from e
+    digest = base_weights_digest(peft_backbone)
     if digest != meta["base_digest"]:
         raise ConfigError(
-            f"{folder}: this adapter was trained on backbone {meta['config']['backbone']['name']!r} "
-            f"(weights {meta['config']['backbone']['weights']}, digest {meta['base_digest']}), but the backbone "
-            f"given is {config['backbone']['name']!r} with other weights (digest {digest}). Fix: load it onto "
-            "the same backbone and weights it was trained with."
+            f"{folder}: this adapter was trained on backbone {name!r} (weights {meta['config']['backbone']['weights']}, "
+            f"digest {meta['base_digest']}), but the backbone given has other weights (digest {digest}). Fix: load it "
+            "onto the same backbone and weights it was trained with."
         )
-    model.backbone = backbone
-    model.config = config
-    model.head.load_state_dict(load_file(folder / "head.safetensors"))
-    return model.eval()
+    head.load_state_dict(load_file(folder / "head.safetensors"))
+    return peft_backbone
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ gradients of groups unfrozen after the model was wrapped are averaged across pro
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -20,8 +20,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from vfmtune.adapt.freeze import named_groups, param_table
-from vfmtune.adapt.layer_decay import timm_model
-from vfmtune.config import ConfigError
+from vfmtune.backbones import timm_model
+from vfmtune.config import Config, ConfigError, FinetuneConfig, SchedName
 
 _RANGE = re.compile(r"^(\w+)\.(\d+)-(\d+)$")
 
@@ -32,21 +32,23 @@ def _expand(token: str, labels: list[str], epoch: int) -> list[str]:
     if token == "all":
         names = ["all"]
     blocks = [lb for lb in labels if "." in lb]
-    valid = f"head, all, {', '.join(lb for lb in labels if '.' not in lb)}" + (f", {blocks[0]}..{blocks[-1]} (or ranges like {blocks[-1].split('.')[0]}.A-B)" if blocks else "")
+    valid = f"head, all, {', '.join(lb for lb in labels if '.' not in lb)}"
+    if blocks:
+        valid += f", {blocks[0]}..{blocks[-1]} (or ranges like {blocks[-1].split('.')[0]}.A-B)"
     for name in names:
         if name not in labels and name not in ("head", "all"):
             raise ConfigError(f"finetune.schedule[{epoch}]: unknown group {name!r}. Valid names: {valid}.")
     return names
 
 
-def resolve_schedule(cfg: dict[str, Any], backbone: torch.nn.Module) -> dict[int, list[str]]:
+def resolve_schedule(cfg: FinetuneConfig, backbone: torch.nn.Module) -> dict[int, list[str]]:
     """`finetune.schedule` or `every`/`step` -> {epoch: [group labels]}, validated against the backbone.
 
     Raises ConfigError for unknown names, epochs out of order or negative, and groups that are
     already trainable when their turn comes (listed twice, after "all", or trainable from the start).
     """
     labels = list(named_groups(backbone))
-    sched, every, step = cfg.get("schedule"), int(cfg.get("every") or 0), int(cfg.get("step") or 0)
+    sched, every, step = cfg.schedule, int(cfg.every or 0), int(cfg.step or 0)
     if not sched and (every or step):  # an explicit schedule takes precedence over every/step
         if every < 1 or step < 1:
             raise ConfigError(f"finetune.every={every} and finetune.step={step} must both be >= 1.")
@@ -58,7 +60,8 @@ def resolve_schedule(cfg: dict[str, Any], backbone: torch.nn.Module) -> dict[int
             sched[k * every] = ",".join(chunk + (tail if k == 1 else []) + ([] if blocks else ["stem"]))
             k += 1
     if not sched:
-        raise ConfigError("finetune=progressive needs finetune.schedule={0: head, 2: blocks.8-11, 4: all} or finetune.every=K finetune.step=N.")
+        raise ConfigError("finetune=progressive needs finetune.schedule={0: head, 2: blocks.8-11, 4: all} "
+                          "or finetune.every=K finetune.step=N.")
     params = dict(timm_model(backbone).named_parameters())
     groups = named_groups(backbone)
     trainable = {lb for lb, names in groups.items() if all(params[n].requires_grad for n in names)}
@@ -81,7 +84,8 @@ def resolve_schedule(cfg: dict[str, Any], backbone: torch.nn.Module) -> dict[int
             names = [lb for lb in labels if lb not in trainable] or ["all"]
         for name in names:
             if name in trainable:
-                raise ConfigError(f"finetune.schedule[{epoch}]: {name!r} is already trainable at that point (listed earlier, after 'all', or trained by finetune.mode).")
+                raise ConfigError(f"finetune.schedule[{epoch}]: {name!r} is already trainable at that point (listed earlier, "
+                                  "after 'all', or trained by finetune.mode).")
             trainable.add(name)
         if names:
             out[epoch] = names
@@ -96,7 +100,7 @@ class ProgressiveUnfreezing(BaseFinetuning):
         warmup_epochs: linear lr warm-up of each newly added group.
 
     Example:
-        >>> cb = ProgressiveUnfreezing(resolve_schedule({"schedule": {0: "head", 2: "blocks.4-5"}}, model.backbone))
+        >>> cb = ProgressiveUnfreezing(resolve_schedule(FinetuneConfig(schedule={0: "head", 2: "blocks.4-5"}), model.backbone))
         >>> L.Trainer(callbacks=[cb]).fit(model, datamodule=data)
     """
 
@@ -105,7 +109,7 @@ class ProgressiveUnfreezing(BaseFinetuning):
         self.schedule = {int(k): list(v) for k, v in schedule.items()}
         self.warmup_epochs = warmup_epochs
         self.applied: list[int] = []  # scheduled epochs already carried out (saved in checkpoints)
-        self._synced_by_ddp: Optional[set[int]] = None
+        self._synced_by_ddp: set[int] | None = None
 
     @property
     @override
@@ -179,11 +183,10 @@ class ProgressiveUnfreezing(BaseFinetuning):
                 g.copy_(synced)
 
 
-def progressive_callback(cfg: dict[str, Any], model: Any) -> Optional[ProgressiveUnfreezing]:
+def progressive_callback(cfg: Config, model: Any) -> ProgressiveUnfreezing | None:
     """The run's unfreezing callback, or None; validates the schedule before training starts."""
-    ft = cfg["finetune"]
     if not model.progressive:
         return None
-    if cfg["sched"]["name"] not in ("cosine", "none"):
-        raise ConfigError(f"Progressive unfreezing needs sched=cosine or sched=none (per-group warm-up), not sched={cfg['sched']['name']}.")
-    return ProgressiveUnfreezing(resolve_schedule(ft, model.backbone), ft["warmup_epochs"])
+    if cfg.sched.name not in (SchedName.cosine, SchedName.none):
+        raise ConfigError(f"Progressive unfreezing needs sched=cosine or sched=none (per-group warm-up), not sched={cfg.sched.name}.")
+    return ProgressiveUnfreezing(resolve_schedule(cfg.finetune, model.backbone), cfg.finetune.warmup_epochs)

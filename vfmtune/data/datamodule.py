@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -27,11 +27,11 @@ class ImageDataset(Dataset):
         return self.transform(load_image(self.paths[i])), self.labels[i]
 
 
-class ClassificationData(L.LightningDataModule):
-    """Holds ready-made datasets per split; splitting and scanning happen before (see `vfmtune.api`).
+class SplitData(L.LightningDataModule):
+    """Holds ready-made datasets per split; scanning and splitting happen before (`vfmtune.data.prepare`).
 
     Args:
-        datasets: "train" / "val" / "test" -> dataset of `(input, label)`; inputs are images or embeddings.
+        datasets: "train" / "val" / "test" / "predict" -> dataset of `(input, target)`; inputs are images or cached features.
         batch_size: per-process batch size.
         num_workers: loader worker processes (0 for in-memory embeddings).
         train_sampler: optional sampler for the training split (e.g. class-balanced).
@@ -42,7 +42,7 @@ class ClassificationData(L.LightningDataModule):
         datasets: dict[str, Dataset],
         batch_size: int,
         num_workers: int = 0,
-        train_sampler: Optional[Sampler] = None,
+        train_sampler: Sampler | None = None,
     ) -> None:
         super().__init__()
         self.datasets = datasets

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import pathlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vfmtune.data.images import IMG_EXTENSIONS, DataError, is_image_file
@@ -34,13 +35,17 @@ _PACKAGED_LOCATIONS: dict[str, tuple[str, str]] = {
 class SampleTable:
     """Samples of a dataset, in a fixed order.
 
+    The target of a sample is its class index (classification) or, when ``masks`` is set, its mask
+    file (segmentation); ``labels`` then hold the class each image is stratified by.
+
     Attributes:
         paths: Absolute image paths.
-        labels: Class index per sample, into ``classes``.
-        classes: Class names, sorted.
+        labels: Class index per sample, into ``classes`` (the stratification key).
+        classes: Class names, index = label.
         splits: ``"train"``/``"val"``/``"test"`` per sample when the source fixes them (a manifest's
             ``split`` column), else ``None``.
         ignored: Non-image files found where images were expected (hidden files are not listed).
+        masks: Mask file per sample for segmentation targets, else ``None``.
     """
 
     paths: list[str]
@@ -48,9 +53,26 @@ class SampleTable:
     classes: list[str]
     splits: list[str] | None = None
     ignored: list[str] = field(default_factory=list)
+    masks: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def targets(self) -> list[int] | list[str]:
+        """What a model learns per sample: class indices, or mask files."""
+        return self.masks if self.masks is not None else self.labels
+
+    def select(self, keep: Sequence[int]) -> SampleTable:
+        """The samples at indices ``keep``, in that order."""
+        return SampleTable(
+            paths=[self.paths[i] for i in keep],
+            labels=[self.labels[i] for i in keep],
+            classes=self.classes,
+            splits=[self.splits[i] for i in keep] if self.splits is not None else None,
+            ignored=self.ignored,
+            masks=[self.masks[i] for i in keep] if self.masks is not None else None,
+        )
 
     def class_counts(self) -> dict[str, int]:
         """Images per class name, in class order."""
@@ -124,6 +146,13 @@ def _rows_report(csv_path: str, problem: str, rows: list[tuple[int, str]], fix: 
     more = f"\n  ... and {len(rows) - 50} more" if len(rows) > 50 else ""
     return DataError(f"{csv_path}: {len(rows)} {problem}:\n{shown}{more}\nFix: {fix}",
                      path=csv_path, problem=f"{len(rows)} {problem}", fix=fix)
+
+
+def is_teacher_labelled(manifest: str | os.PathLike[str]) -> bool:
+    """Whether a CSV manifest came from `vfmtune pseudo-label` (it has a ``confidence`` column)."""
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    return "confidence" in {c.strip().lower() for c in header}
 
 
 def from_manifest(csv_path: str | os.PathLike[str]) -> SampleTable:
@@ -235,7 +264,7 @@ def packaged_dataset(name: str) -> pathlib.Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"packaged dataset {name!r} needs the Python package {package!r}, which is not "
                         f"installed. Fix: {fix}", problem=f"package {package!r} not installed", fix=fix)
-    root = pathlib.Path(list(spec.submodule_search_locations)[0]) / sub
+    root = pathlib.Path(next(iter(spec.submodule_search_locations))) / sub
     if not root.is_dir():
         raise DataError.for_file(root, f"the installed {package!r} has no folder {sub!r}",
                                  'reinstall it: pip install --force-reinstall "vfmtune[offline]"')

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 
@@ -23,6 +22,7 @@ from sklearn.model_selection import train_test_split
 
 from vfmtune.data.images import DataError
 from vfmtune.data.sources import SPLIT_NAMES, SampleTable
+from vfmtune.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -162,21 +162,10 @@ def save_splits(
     Example:
         >>> save_splits("runs/x/splits.csv", table.paths, table.labels, table.classes, splits)  # doctest: +SKIP
     """
-    dest = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".splits-", suffix=".tmp", dir=os.path.dirname(dest))
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["path", "label", "split"])
-            writer.writerows((os.path.abspath(p), classes[int(y)], s) for p, y, s in zip(paths, labels, splits))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)  # atomic on POSIX and Windows: readers see the old file or the new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(os.path.abspath(os.fspath(path))) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows((os.path.abspath(p), classes[int(y)], s) for p, y, s in zip(paths, labels, splits))
 
 
 def load_splits(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -1,46 +1,122 @@
-"""Validation and test shared by the classification tasks (Classifier, Distiller)."""
+"""What every task provides, and the evaluation shared by every task's LightningModule.
+
+A `Task` is one registry entry (`vfmtune.tasks.TASKS`): it builds its LightningModule and data for
+`vfmtune.fit`, rebuilds a trained model from a checkpoint, says how that model is evaluated,
+predicts and exports, and writes its report. Commands never test a task's name; they ask its `Task`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 from typing_extensions import override
 
-from vfmtune.metrics import classification_metrics, flatten
+from vfmtune.config import Config, DataConfig
+from vfmtune.data.prepare import Prepared, sample_table
+from vfmtune.data.sources import SampleTable
+from vfmtune.metrics import MetricSpec
 
 
-class ClassificationTask(L.LightningModule):
-    """Per-batch torchmetrics updates, flat scalars logged per epoch, and the full results
-    (confusion matrix included) kept in `eval_results[prefix]` for metrics.json.
+@dataclass
+class Setup:
+    """What `vfmtune.fit` trains: the module, its data, the task's own callbacks and figures for the report."""
 
-    Subclasses call `init_metrics(classes)` in `__init__` and implement `eval_outputs`.
+    model: TaskModule
+    data: L.LightningDataModule
+    callbacks: list[L.Callback] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """One kind of model. Subclasses set the class attributes and implement the methods.
+
+    Attributes:
+        name: the registry key, recorded in every checkpoint as `hyper_parameters["task"]`.
+        target: what a sample's target is: "class" (an index) or "mask" (a mask file).
+        schema: the config class its checkpoints store and are rebuilt with.
+        sections: the config sections it reads besides the shared ones (documentation and checks).
+        metrics: how its outputs are scored.
+        command: the verb that trains it (`vfmtune train`, or e.g. `vfmtune distill` for students).
     """
 
-    def init_metrics(self, classes: Sequence[str]) -> None:
+    name: ClassVar[str]
+    command: ClassVar[str] = "train"
+    target: ClassVar[str] = "class"
+    schema: ClassVar[type[Config]] = Config
+    sections: ClassVar[tuple[str, ...]] = ()
+    metrics: ClassVar[MetricSpec]
+
+    def samples(self, data: DataConfig) -> SampleTable:
+        """The dataset's samples (paths, targets, classes) from the `data` section."""
+        return sample_table(data)
+
+    def setup(self, config: Config, prepared: Prepared, out: Path, **context: Any) -> Setup:
+        """The LightningModule and data that `fit` trains (context: e.g. the distillation teacher)."""
+        raise NotImplementedError
+
+    def after_fit(self, model: TaskModule, out: Path) -> dict[str, Any]:
+        """Anything written after training besides checkpoints (rank 0 only); entries for the result dict."""
+        return {}
+
+    def load(self, checkpoint: dict[str, Any]) -> nn.Module:
+        """The trained model from a checkpoint loaded with weights_only=True, in eval mode."""
+        raise NotImplementedError
+
+    def evaluation(self, config: Config, model: nn.Module, prepared: Prepared, split: str) -> tuple[nn.Module, Dataset]:
+        """`(module, dataset)` whose outputs on the dataset's inputs are scored by `metrics`."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, paths: Sequence[str], config: Config, out: Path) -> dict[str, Any]:
+        """Write predictions for images into `out`; entries for the result dict."""
+        raise NotImplementedError(f"task {self.name!r} has no predict")
+
+    def inference(self, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+        """`(plain nn.Module on normalised images, its timm data config)`: what export and runtime run."""
+        raise NotImplementedError(f"task {self.name!r} cannot be exported")
+
+    def report(self, metrics: dict[str, Any], classes: Sequence[str], out: Path, prefixes: Sequence[str]) -> None:
+        """Plots into `out/plots` and the printed results table."""
+
+
+class TaskModule(L.LightningModule):
+    """Validation and test through a task's metric spec: per-batch updates, flat scalars logged per
+    epoch, and the full results (confusion matrices included) kept in `eval_results[prefix]`.
+
+    Subclasses call `init_eval(spec, classes)` in `__init__` and implement `eval_outputs`.
+    """
+
+    def init_eval(self, spec: MetricSpec, classes: Sequence[str]) -> None:
         self.classes = list(classes)
-        self.val_metrics = classification_metrics(len(self.classes))
-        self.test_metrics = classification_metrics(len(self.classes))
+        self.metric_spec = spec
+        self.val_metrics = spec.build(self.classes)
+        self.test_metrics = spec.build(self.classes)
         self.eval_results: dict[str, dict[str, Any]] = {}  # last computed metrics per prefix
 
-    def eval_outputs(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(logits [B, C], labels [B], loss)` of an evaluation batch."""
+    def eval_outputs(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`(outputs, targets, loss or None)` of an evaluation batch."""
         raise NotImplementedError
 
     def _eval_step(self, batch: Sequence[torch.Tensor], prefix: str) -> None:
-        logits, labels, loss = self.eval_outputs(batch)
-        self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=len(labels), sync_dist=True)
-        (self.val_metrics if prefix == "val" else self.test_metrics).update(logits.argmax(-1), labels)
+        outputs, targets, loss = self.eval_outputs(batch)
+        if loss is not None:
+            self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=len(targets), sync_dist=True)
+        self.metric_spec.update(self.val_metrics if prefix == "val" else self.test_metrics, outputs, targets)
 
     def _eval_epoch_end(self, prefix: str) -> None:
         metrics = self.val_metrics if prefix == "val" else self.test_metrics
-        flat = flatten(metrics.compute(), prefix, self.classes)
+        flat = self.metric_spec.results(metrics.compute(), prefix, self.classes)
         metrics.reset()
         # Values are already reduced across processes by torchmetrics, hence no sync_dist here.
         for key, value in flat.items():
-            if not isinstance(value, list):
-                self.log(key, value, prog_bar=key == f"{prefix}/macro_f1")
+            if isinstance(value, (int, float)):
+                self.log(key, value, prog_bar=key == f"{prefix}/{self.metric_spec.headline}")
         self.eval_results[prefix] = flat
 
     @override
@@ -65,3 +141,4 @@ class ClassificationTask(L.LightningModule):
     @override
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+

@@ -13,29 +13,28 @@ teacher's soft targets (and features) to the loss.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
-from timm.optim._param_groups import param_groups_weight_decay
 from torch import nn
 from typing_extensions import override
 
 from vfmtune.backbones import create_backbone, data_config
-from vfmtune.config import ConfigError
-from vfmtune.tasks.base import ClassificationTask
-from vfmtune.tasks.classifier import Classifier, cosine_with_warmup
+from vfmtune.config import ConfigError, DistillCommand, FeatureLoss, StudentWeights, to_container, typed
+from vfmtune.metrics import ClassMetrics
+from vfmtune.optim import build_optimizer, build_schedule, weight_decay_groups
+from vfmtune.tasks.base import TaskModule
+from vfmtune.tasks.classifier import Classifier
 
 # Student aliases -> timm names. Any other timm model works as "timm/<name>".
 STUDENTS: dict[str, str] = {
     "mobilenetv3_small_100": "mobilenetv3_small_100",
     "mobilenetv3_large_100": "mobilenetv3_large_100",
-    "efficientnet_lite0": "tf_efficientnet_lite0",  # ImageNet weights packaged offline (ASSETS.md)
+    "efficientnet_lite0": "tf_efficientnet_lite0",  # ImageNet weights packaged offline (README, "Offline assets")
     "resnet18": "resnet18",
 }
-STUDENT_WEIGHTS = ("auto", "packaged", "hub", "none")
-FEATURE_LOSSES = ("cosine", "mse")
 UNLABELED = -1  # label of teacher-labelled images: no CE term
 
 
@@ -57,25 +56,23 @@ def resolve_student(name: str) -> str:
     )
 
 
-def student_weights_source(name: str, weights: str) -> str:
+def student_weights_source(name: str, weights: StudentWeights) -> StudentWeights:
     """Resolve distill.weights=auto: packaged ImageNet weights offline, else the hub if reachable, else none."""
     from vfmtune.weights import WeightsError, check_hub_reachable, packaged_weights
 
-    if weights not in STUDENT_WEIGHTS:
-        raise ConfigError(f"distill.weights={weights!r} is not one of {', '.join(STUDENT_WEIGHTS)}.")
-    if weights != "auto":
+    if weights != StudentWeights.auto:
         return weights
     try:
         packaged_weights(resolve_student(name).removeprefix("timm/"))
-        return "packaged"
+        return StudentWeights.packaged
     except WeightsError:
         pass
     try:
         check_hub_reachable(timeout=2.0)
-        return "hub"
+        return StudentWeights.hub
     except WeightsError:
         print(f"student {name}: no packaged weights and no hub access -> random init (distill.weights=none)")
-        return "none"
+        return StudentWeights.none
 
 
 def pre_logits_dim(model: nn.Module) -> int:
@@ -83,11 +80,11 @@ def pre_logits_dim(model: nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
-class Distiller(ClassificationTask):
+class Distiller(TaskModule):
     """A timm student trained from a frozen vfmtune `Classifier` teacher.
 
     Args:
-        config: the run's config as plain Python types (keys `student`, `kd`, `distill`, `optim`, ...).
+        config: the run's config (`student`, `kd`, `distill`, `optim`, ...).
         classes: class names, index = label; must equal the teacher's.
         teacher: the frozen teacher; None when loading a trained student from a checkpoint.
         teacher_info: `{"dim", "img_size", "mean", "std"}` of the teacher (stored in the checkpoint).
@@ -100,49 +97,49 @@ class Distiller(ClassificationTask):
 
     def __init__(
         self,
-        config: dict[str, Any],
+        config: DistillCommand | dict[str, Any],
         classes: Sequence[str],
-        teacher: Optional[Classifier] = None,
-        teacher_info: Optional[dict[str, Any]] = None,
+        teacher: Classifier | None = None,
+        teacher_info: dict[str, Any] | None = None,
         load_weights: bool = True,
     ) -> None:
         super().__init__()
+        config = typed(config, DistillCommand)
         if teacher_info is None:
             if teacher is None:
                 raise ValueError("Distiller needs a teacher or teacher_info.")
-            t_cfg = data_config(teacher.backbone, teacher.config["backbone"]["img_size"])
+            t_cfg = data_config(teacher.backbone, teacher.config.backbone.img_size)
             teacher_info = {"dim": int(teacher.backbone.num_features), "img_size": int(t_cfg["input_size"][-1]),
                             "mean": list(t_cfg["mean"]), "std": list(t_cfg["std"])}
-        weights = config["distill"]["weights"]
-        self.save_hyperparameters({"config": config, "classes": list(classes), "task": "distill", "teacher_info": teacher_info})
-        self.config, self.classes, self.teacher_info = config, list(classes), teacher_info
-        kd = config["kd"]
-        if kd["feature_loss"] not in FEATURE_LOSSES:
-            raise ConfigError(f"kd.feature_loss={kd['feature_loss']!r} is not one of {', '.join(FEATURE_LOSSES)}.")
-        if not 0.0 <= kd["alpha"] <= 1.0 or kd["temperature"] <= 0:
+        self.save_hyperparameters({"task": "distill", "config": to_container(config), "classes": list(classes),
+                                   "teacher_info": teacher_info})
+        self.config, self.teacher_info = config, teacher_info
+        kd = config.kd
+        if not 0.0 <= kd.alpha <= 1.0 or kd.temperature <= 0:
             raise ConfigError("kd.alpha must lie in [0, 1] and kd.temperature be > 0.")
-        self.student = create_backbone(resolve_student(config["student"]), weights=weights if load_weights else "none")
-        self.student.reset_classifier(len(self.classes))
+        weights = str(config.distill.weights) if load_weights else "none"
+        self.student = create_backbone(resolve_student(config.student), weights=weights)
+        self.student.reset_classifier(len(classes))
         # NHWC: depthwise convolutions train several times faster on CPU in this layout.
         self.student.to(memory_format=torch.channels_last)
-        self.img_size = int(config["distill"]["img_size"] or teacher_info["img_size"])
+        self.img_size = int(config.distill.img_size or teacher_info["img_size"])
         self.data_cfg = data_config(self.student, self.img_size)
         self.register_buffer("s_mean", torch.tensor(self.data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("s_std", torch.tensor(self.data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("t_mean", torch.tensor(teacher_info["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("t_std", torch.tensor(teacher_info["std"]).view(1, 3, 1, 1), persistent=False)
-        self.projector = nn.Linear(pre_logits_dim(self.student), teacher_info["dim"]) if kd["feature_weight"] > 0 else None
+        self.projector = nn.Linear(pre_logits_dim(self.student), teacher_info["dim"]) if kd.feature_weight > 0 else None
         if teacher is not None:
             teacher = teacher.eval().requires_grad_(False)
             if hasattr(teacher.backbone, "merge_and_unload"):  # a LoRA teacher: merged, it runs at plain speed
                 teacher.backbone = teacher.backbone.merge_and_unload()
         # Not a registered submodule: the teacher stays out of the student's checkpoint and optimiser.
         self.__dict__["teacher"] = teacher
-        self.init_metrics(self.classes)
+        self.init_eval(ClassMetrics(), classes)
 
     @property
     def needs_teacher(self) -> bool:
-        return self.config["kd"]["alpha"] > 0 or self.projector is not None
+        return self.config.kd.alpha > 0 or self.projector is not None
 
     @override
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -156,7 +153,7 @@ class Distiller(ClassificationTask):
         return self.student.get_classifier()(feats), feats
 
     @torch.no_grad()
-    def teacher_outputs(self, views: torch.Tensor, embeddings: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_outputs(self, views: torch.Tensor, embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B, C], embedding [B, D_t]) of the teacher on the same views, or on cached embeddings."""
         teacher = self.__dict__["teacher"]
         if teacher is None:
@@ -169,26 +166,26 @@ class Distiller(ClassificationTask):
         return teacher.head(embeddings), embeddings
 
     def kd_loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor,
-                s_feats: torch.Tensor, t_feats: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+                s_feats: torch.Tensor, t_feats: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The terms of the loss and their weighted sum under "loss"."""
-        kd = self.config["kd"]
+        kd = self.config.kd
         labelled = labels != UNLABELED
         ce = F.cross_entropy(s_logits[labelled], labels[labelled]) if labelled.any() else s_logits.sum() * 0
-        out = {"ce": ce, "loss": (1 - kd["alpha"]) * ce}
-        if kd["alpha"] > 0:
-            T = kd["temperature"]
+        out = {"ce": ce, "loss": (1 - kd.alpha) * ce}
+        if kd.alpha > 0:
+            T = kd.temperature
             kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True, reduction="batchmean")
             out["kl"] = kl
-            out["loss"] = out["loss"] + kd["alpha"] * T * T * kl
+            out["loss"] = out["loss"] + kd.alpha * T * T * kl
         if self.projector is not None and t_feats is not None:
             p = self.projector(s_feats)
-            feat = (1 - F.cosine_similarity(p, t_feats, dim=-1)).mean() if kd["feature_loss"] == "cosine" else F.mse_loss(p, t_feats)
+            feat = (1 - F.cosine_similarity(p, t_feats, dim=-1)).mean() if kd.feature_loss == FeatureLoss.cosine else F.mse_loss(p, t_feats)
             out["feature"] = feat
-            out["loss"] = out["loss"] + kd["feature_weight"] * feat
+            out["loss"] = out["loss"] + kd.feature_weight * feat
         return out
 
     @override
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         if self.__dict__.get("teacher") is not None:
             self.__dict__["teacher"].eval()  # frozen: BN statistics and dropout never change its targets
@@ -217,17 +214,8 @@ class Distiller(ClassificationTask):
 
     @override
     def configure_optimizers(self) -> Any:
-        o, s = self.config["optim"], self.config["sched"]
-        groups = param_groups_weight_decay(self.student, o["weight_decay"])
+        o = self.config.optim
+        groups = weight_decay_groups(self.student, o.lr, o.weight_decay)
         if self.projector is not None:
-            groups += param_groups_weight_decay(self.projector, o["weight_decay"])
-        optimizer = create_optimizer_v2([g for g in groups if g["params"]], opt=o["name"], lr=o["lr"],
-                                        weight_decay=o["weight_decay"], momentum=o["momentum"])
-        if s["name"] == "none":
-            return optimizer
-        if s["name"] != "cosine":
-            raise ConfigError(f"sched.name={s['name']!r}: distill supports cosine or none.")
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(s["warmup_epochs"] * max(total // max(self.trainer.max_epochs or 1, 1), 1))
-        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, total, s["min_lr_ratio"]))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            groups += weight_decay_groups(self.projector, o.lr, o.weight_decay)
+        return build_schedule(build_optimizer(groups, o), self.config.sched, self)

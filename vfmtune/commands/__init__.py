@@ -1,0 +1,44 @@
+"""One module per `vfmtune <command>`; each holds the function of the same name the façade exports.
+
+`COMMANDS` maps the command-line verb to `module:function` and the config schema (`vfmtune.config.SCHEMAS`
+key) it composes; modules are imported on use, so `vfmtune --help` answers without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import NamedTuple
+
+
+class Command(NamedTuple):
+    target: str  # "module:function"
+    schema: str  # vfmtune.config.SCHEMAS key
+    summary: str
+    example: str
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("vfmtune.commands.train:train", "train", "fine-tune a backbone + head",
+                     "vfmtune train data.root=/path/to/imagefolder"),
+    "evaluate": Command("vfmtune.commands.evaluate:evaluate", "evaluate", "recompute metrics for a checkpoint",
+                        "vfmtune evaluate ckpt=runs/train/<date>/checkpoints/best.ckpt"),
+    "predict": Command("vfmtune.commands.predict:predict", "predict", "predict images with a checkpoint",
+                       "vfmtune predict ckpt=RUN_DIR images=/path/to/images"),
+    "embed": Command("vfmtune.commands.embed:embed", "embed", "build the frozen-backbone cache",
+                     "vfmtune embed backbone=dinov2_vits14"),
+    "cv": Command("vfmtune.commands.cv:cv", "cv", "stratified k-fold, fold ensemble", "vfmtune cv folds=5 loss=weighted_ce"),
+    "export-merged": Command("vfmtune.commands.merge:export_merged", "merge", "merge a LoRA run into a plain checkpoint",
+                             "vfmtune export-merged ckpt=RUN_DIR"),
+    "distill": Command("vfmtune.commands.distill:distill", "distill", "teach a small CNN from a classifier",
+                       "vfmtune distill teacher=RUN_DIR student=efficientnet_lite0"),
+    "pseudo-label": Command("vfmtune.commands.pseudo_label:pseudo_label", "pseudo_label", "teacher labels -> CSV manifest",
+                            "vfmtune pseudo-label teacher=RUN_DIR images=DIR pseudo_label.threshold=0.9"),
+    "export": Command("vfmtune.commands.export:export", "export", "verified ONNX/TorchScript bundle",
+                      "vfmtune export ckpt=RUN_DIR format=onnx quantize=int8"),
+}
+
+
+def command_function(command: str) -> Callable:
+    module, name = COMMANDS[command].target.split(":")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,64 @@
+"""`vfmtune evaluate`: recompute a trained model's metrics on a split of its data, or on new data."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vfmtune.config import Config, ConfigError, EvaluateCommand, SplitName
+from vfmtune.data.images import DataError
+from vfmtune.data.prepare import Prepared, prepare_data
+from vfmtune.inference import score
+from vfmtune.io import write_json
+from vfmtune.loading import load_model, model_task
+from vfmtune.run import ConfigLike, command_config, make_run_dir, quiet, with_overrides
+from vfmtune.tasks import get_task
+
+
+def evaluate(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Recompute metrics.json for `ckpt` on a split (`split=test` by default) of its data, or of the
+    data named by `data.*` overrides (e.g. `data.root=/new/images split=all`).
+
+    Example:
+        >>> vfmtune.evaluate(overrides=["ckpt=runs/train/<date>", "split=val"])["metrics"]["val/macro_f1"]
+    """
+    config = command_config(cfg, overrides, EvaluateCommand, "evaluate")
+    if not config.ckpt:
+        raise ConfigError("evaluate needs ckpt=PATH (a .ckpt file or a run directory).")
+    out = make_run_dir(run_dir, "evaluate")
+    model = load_model(config.ckpt)
+    task = get_task(model_task(model))
+    run_cfg = trained_run_config(model.config, config, overrides)
+    prepared = align_classes(prepare_data(run_cfg, out, task.samples(run_cfg.data)), model.classes)
+    split = str(config.split)
+    if config.split != SplitName.all and split not in prepared.splits:
+        raise DataError(f"The {split} split of this data is empty; use split=all to evaluate every image.")
+    module, dataset = task.evaluation(run_cfg, model, prepared, split)
+    metrics = score(module, dataset, task.metrics, model.classes, split, run_cfg)
+    metrics["checkpoint"] = str(config.ckpt)
+    task.report(metrics, model.classes, out, [split])
+    write_json(out / "metrics.json", metrics)
+    print(f"run directory: {out}")
+    return {"run_dir": str(out), "metrics": metrics}
+
+
+def trained_run_config(trained: Config, config: Config, overrides: Sequence[str]) -> Config:
+    """The config a trained model ran with, plus this command's `data.*` overrides, cache, trainer and seed."""
+    run_cfg = with_overrides(trained, overrides, "data", type(trained))
+    return quiet(dataclasses.replace(run_cfg, cache_dir=config.cache_dir, trainer=config.trainer))
+
+
+def align_classes(prepared: Prepared, classes: Sequence[str]) -> Prepared:
+    """Re-index the data's labels to the model's classes (new data may hold a subset of them)."""
+    table = prepared.table
+    if table.classes == list(classes):
+        return prepared
+    unknown = sorted(set(table.classes) - set(classes))
+    if unknown:
+        raise DataError(f"Classes {unknown} are not among the checkpoint's classes {list(classes)}.")
+    index = {c: list(classes).index(c) for c in table.classes}
+    table.labels = [index[table.classes[y]] for y in table.labels]
+    table.classes = list(classes)
+    return prepared

@@ -1,0 +1,40 @@
+"""Running a trained model outside training: outputs over a dataset, and its metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vfmtune.config import Config
+from vfmtune.device import compute_device
+from vfmtune.metrics import MetricSpec
+
+
+def _loader(dataset: Dataset, config: Config) -> DataLoader:
+    # In-memory features need no worker processes; images are decoded in parallel.
+    workers = 0 if isinstance(dataset, torch.utils.data.TensorDataset) else config.data.num_workers
+    return DataLoader(dataset, batch_size=config.data.batch_size, num_workers=workers)
+
+
+@torch.inference_mode()
+def run_inference(module: nn.Module, dataset: Dataset, config: Config) -> torch.Tensor:
+    """`module(inputs)` for every `(inputs, target)` of `dataset`, concatenated on the CPU, on the run's device."""
+    device = compute_device(config)
+    module = module.eval().to(device)
+    outputs = [module(x.to(device)).float().cpu() for x, _ in _loader(dataset, config)]
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+@torch.inference_mode()
+def score(module: nn.Module, dataset: Dataset, spec: MetricSpec, classes: Sequence[str], prefix: str, config: Config) -> dict[str, Any]:
+    """The metrics of `module` on `dataset`, keyed `<prefix>/<metric>` as in metrics.json."""
+    device = compute_device(config)
+    module = module.eval().to(device)
+    metrics = spec.build(classes).to(device)
+    for x, y in _loader(dataset, config):
+        spec.update(metrics, module(x.to(device)), y.to(device))
+    return spec.results(metrics.compute(), prefix, classes)

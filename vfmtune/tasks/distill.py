@@ -1,0 +1,127 @@
+"""The distillation task: a small timm student learns a frozen vfmtune classifier's outputs.
+
+Training batches hold one un-normalised [0, 1] view per image (teacher and student each normalise
+it their own way), its label (`UNLABELED` for teacher-labelled images) and, when the teacher is
+frozen and views are deterministic, the teacher's cached embedding. A trained student is evaluated,
+predicted with and exported like a classifier, on images at its own input size.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from vfmtune.config import AugmentConfig, DistillCommand, typed
+from vfmtune.data.datamodule import ImageDataset, SplitData
+from vfmtune.data.images import DataError
+from vfmtune.data.prepare import Prepared, list_images, scan_or_skip
+from vfmtune.data.transforms import build_transforms
+from vfmtune.embedding_cache import embed_images, file_digest
+from vfmtune.metrics import ClassMetrics
+from vfmtune.report import classification_report
+from vfmtune.tasks.base import Setup, Task
+from vfmtune.tasks.classifier import Classifier
+from vfmtune.tasks.classify import ClassifyTask
+from vfmtune.tasks.distiller import UNLABELED, Distiller
+
+
+class TeacherTargets(Dataset):
+    """`(view, label, teacher embedding)`: images with the teacher's cached outputs attached."""
+
+    def __init__(self, images: ImageDataset, embeddings: torch.Tensor) -> None:
+        self.images, self.embeddings = images, embeddings
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        x, y = self.images[i]
+        return x, y, self.embeddings[i]
+
+
+def unlabelled_paths(config: DistillCommand, held_out: Sequence[str]) -> list[str]:
+    """Images of `data.unlabeled` (a folder, or a pseudo-label CSV's paths), refused if any is a val/test image."""
+    source = str(config.data.unlabeled)
+    src = Path(source).expanduser()
+    if src.suffix.lower() == ".csv" and src.is_file():
+        with open(src, newline="", encoding="utf-8-sig") as f:
+            paths = [str((src.parent / row["path"]).resolve()) for row in csv.DictReader(f)]
+    else:
+        paths = list_images(source)
+    paths = [p for p, good in zip(paths, scan_or_skip(paths, config.data)) if good]
+    held = {file_digest(p): p for p in held_out}
+    leaked = [p for p in paths if file_digest(p) in held]
+    if leaked:
+        raise DataError(f"data.unlabeled={source}: {len(leaked)} image(s) are also validation/test images "
+                        f"(e.g. {leaked[0]}). Teacher-labelled images may only be trained on; evaluation stays on "
+                        "human-labelled data. Fix: remove them from the unlabelled folder.")
+    return paths
+
+
+def student_transform(model: Distiller) -> Any:
+    """Eval transform of a trained student: its own input size and normalisation."""
+    _, tf = build_transforms(model.data_cfg, AugmentConfig(enabled=False))
+    return tf
+
+
+class DistillTask(Task):
+    """Teacher (a vfmtune classifier) -> student (any timm model): Hinton KD, feature KD, unlabelled images."""
+
+    name = "distill"
+    command = "distill"
+    target = "class"
+    schema = DistillCommand
+    sections = ("kd", "distill")
+    metrics = ClassMetrics()
+
+    def setup(self, config: DistillCommand, prepared: Prepared, out: Path, **context: Any) -> Setup:
+        teacher: Classifier = context["teacher"]
+        model = Distiller(config, prepared.table.classes, teacher=teacher)
+        d = config.data
+        # [0, 1] views: each model normalises them itself (consistent teaching)
+        train_tf, eval_tf = build_transforms({**model.data_cfg, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}, d.augment)
+        train_paths, train_labels = prepared.subset("train")
+        if d.unlabeled:
+            held = [p for s in ("val", "test") for p in prepared.subset(s)[0]]
+            extra = unlabelled_paths(config, held)
+            print(f"{len(extra)} unlabelled images added to training (teacher soft targets only)")
+            train_paths, train_labels = train_paths + extra, train_labels + [UNLABELED] * len(extra)
+        datasets: dict[str, Dataset] = {s: ImageDataset(*prepared.subset(s), eval_tf) for s in ("val", "test") if s in prepared.splits}
+        train_set: Dataset = ImageDataset(train_paths, train_labels, train_tf)
+        if model.needs_teacher and config.distill.cache_teacher and not d.augment.enabled:
+            # Deterministic views + frozen teacher: its outputs never change, so the embedding cache holds them
+            # (same key as `vfmtune train` for this backbone; logits are the head applied to it, microseconds).
+            teacher_run = dataclasses.replace(config, backbone=teacher.config.backbone)
+            train_set = TeacherTargets(train_set, embed_images(teacher_run, teacher.backbone, train_paths, label="teacher outputs"))
+        elif model.needs_teacher:
+            print("teacher runs on every batch (augmented views differ each epoch; set data.augment.enabled=false to cache it)")
+        datasets["train"] = train_set
+        figures = {"teacher": str(config.teacher), "student": config.student,
+                   "student_params": sum(p.numel() for p in model.student.parameters())}
+        return Setup(model, SplitData(datasets, batch_size=d.batch_size, num_workers=d.num_workers), figures=figures)
+
+    def load(self, checkpoint: dict[str, Any]) -> Distiller:
+        hp = checkpoint["hyper_parameters"]
+        model = Distiller(typed(hp["config"], DistillCommand, strict=False), hp["classes"], teacher_info=hp["teacher_info"],
+                          load_weights=False)
+        model.load_state_dict(checkpoint["state_dict"])
+        return model.eval()
+
+    def evaluation(self, config: DistillCommand, model: nn.Module, prepared: Prepared, split: str) -> tuple[nn.Module, Dataset]:
+        return model, ImageDataset(*prepared.subset(split), student_transform(model))
+
+    def predict(self, model: nn.Module, paths: Sequence[str], config: DistillCommand, out: Path) -> dict[str, Any]:
+        return ClassifyTask.write_predictions(model, ImageDataset(paths, [0] * len(paths), student_transform(model)), config, out)
+
+    def inference(self, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+        return model.student.eval(), dict(model.data_cfg)
+
+    def report(self, metrics: dict[str, Any], classes: Sequence[str], out: Path, prefixes: Sequence[str]) -> None:
+        classification_report(metrics, classes, out, prefixes)
