@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vfmtune.checkpoint import AtomicCheckpointIO
 from vfmtune.config import Config, LoggerName, check_kwargs, load_config, to_container, typed
+from vfmtune.console import quiet_libraries
 from vfmtune.io import write_text
 from vfmtune.memory import lean_host_memory
 
@@ -54,6 +55,7 @@ def with_overrides(trained: Config, overrides: Sequence[str], section: str, sche
 
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list, **extra: Any) -> L.Trainer:
     """`lightning.Trainer` from `cfg.trainer` (validated against its signature), our logger and atomic checkpoint IO."""
+    quiet_libraries()
     kwargs = {k: v for k, v in {**cfg.trainer, **extra}.items() if v is not None}
     check_kwargs(L.Trainer.__init__, kwargs, "trainer")
     logger: Any = False
