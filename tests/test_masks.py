@@ -69,7 +69,8 @@ def _grey_as_rgb(p: Path) -> tuple[Path, dict]:
 
 def _sixteen_bit_small(p: Path) -> tuple[Path, dict]:
     Image.fromarray(IDS.astype(np.uint16)).save(p)
-    assert Image.open(p).mode.startswith("I")
+    with Image.open(p) as im:
+        assert im.mode.startswith("I")
     return p, {}
 
 

@@ -196,6 +196,8 @@ def load_mask(
     """
     p = os.fspath(path)
     ids = _decode(p, colours)
+    if not ids.flags.writeable:  # a view of Pillow's buffer: callers (torch.from_numpy) need their own
+        ids = ids.copy()
     h, w = ids.shape
     if image_size is not None and tuple(image_size) != (w, h):
         iw, ih = image_size
