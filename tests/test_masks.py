@@ -11,7 +11,7 @@ from PIL import Image
 
 from vfmtune.data.images import DataError
 from vfmtune.data.mask_scan import scan_masks
-from vfmtune.data.masks import IGNORE_INDEX, VOC_IGNORE_COLOUR, image_size, load_mask
+from vfmtune.data.masks import IGNORE_INDEX, VOC_IGNORE_COLOUR, load_mask, oriented_size
 
 IDS = np.array([[0, 0, 1, 1, 2, 2],
                 [0, 0, 1, 1, 2, 2],
@@ -79,9 +79,15 @@ def _tiff(p: Path) -> tuple[Path, dict]:
     return p.with_suffix(".tif"), {}
 
 
-@pytest.mark.parametrize("write", [_grey, _voc, _shuffled_palette, _rgb_colours, _grey_as_rgb, _sixteen_bit_small, _tiff],
+def _png_named_jpg(p: Path) -> tuple[Path, dict]:
+    Image.fromarray(IDS).save(p.with_suffix(".jpg"), format="PNG")  # lossless content, misleading name
+    return p.with_suffix(".jpg"), {}
+
+
+@pytest.mark.parametrize("write", [_grey, _voc, _shuffled_palette, _rgb_colours, _grey_as_rgb, _sixteen_bit_small,
+                                   _tiff, _png_named_jpg],
                          ids=["grey_L", "voc_palette", "palette_by_colour", "rgb_colour_table", "grey_saved_as_rgb",
-                              "16bit_values_below_256", "tiff"])
+                              "16bit_values_below_256", "tiff", "png_named_jpg"])
 def test_load_mask__encodings_decode_to_class_ids(tmp_path: Path, write: Callable) -> None:
     path, kwargs = write(tmp_path / "m.png")
     ids = load_mask(path, num_classes=3, image_size=(6, 4), **kwargs)
@@ -183,11 +189,11 @@ def test_load_mask__bad_mask_is_data_error(tmp_path: Path, write: Callable) -> N
     assert fix in info.value.fix, info.value.fix
 
 
-def test_image_size__applies_exif_rotation(tmp_path: Path) -> None:
+def test_oriented_size__applies_exif_rotation(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90: load_image shows it as 4 wide, 6 high
     Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / "r.jpg", exif=exif)
-    assert image_size(tmp_path / "r.jpg") == (4, 6)
+    assert oriented_size(tmp_path / "r.jpg") == (4, 6)
 
 
 # --- scan: every pair once, presence and pixel counts ---------------------------------------------

@@ -25,7 +25,10 @@ def _blocks(seed: int = 0, h: int = 48, w: int = 64, block: int = 8) -> np.ndarr
 
 
 def _paint(ids: np.ndarray) -> np.ndarray:
-    return np.stack([np.vectorize(lambda k: PALETTE[int(k)][c])(ids) for c in range(3)], axis=-1).astype(np.uint8)
+    lut = np.zeros((256, 3), np.uint8)
+    for k, rgb in PALETTE.items():
+        lut[k] = rgb
+    return lut[ids]
 
 
 def _unpaint(image: torch.Tensor) -> np.ndarray:
@@ -38,8 +41,8 @@ def _unpaint(image: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("seed", range(3))
 def test_train_transform__image_and_mask_stay_aligned(seed: int) -> None:
     # Nearest interpolation for the image too, so every output pixel is an exact palette colour.
-    train_tf, _ = build_paired_transforms({"input_size": (3, 32, 40), "mean": MEAN, "std": STD, "interpolation": "nearest"},
-                                          AugmentConfig(hflip=0.5, vflip=0.5, scale=[0.1, 1.0]))
+    config = {"input_size": (3, 32, 40), "mean": MEAN, "std": STD, "interpolation": "nearest"}
+    train_tf, _ = build_paired_transforms(config, AugmentConfig(hflip=0.5, vflip=0.5, scale=[0.1, 1.0]))
     ids = _blocks(seed)
     torch.manual_seed(seed)
     flips = set()

@@ -101,7 +101,8 @@ def test_from_mask_manifest__relative_paths_and_splits(tmp_path: Path) -> None:
     _pair(tmp_path, "a", _ids(1))
     _pair(tmp_path, "b", _ids(1))
     (tmp_path / "classes.txt").write_text("background\ndefect\n")
-    (tmp_path / "pairs.csv").write_text("image,mask,split\nimages/a.jpg,masks/a.png,train\nimages/b.jpg,masks/b.png,VAL\n")
+    (tmp_path / "pairs.csv").write_text(
+        "image,mask,split\nimages/a.jpg,masks/a.png,train\nimages/b.jpg,masks/b.png,VAL\n")
     table = from_mask_manifest(tmp_path / "pairs.csv")
     assert table.paths == [str(tmp_path / "images" / "a.jpg"), str(tmp_path / "images" / "b.jpg")]
     assert table.masks[1] == str(tmp_path / "masks" / "b.png")
@@ -112,7 +113,7 @@ def test_from_mask_manifest__relative_paths_and_splits(tmp_path: Path) -> None:
     ("rows", "problem"),
     [
         ("images/a.jpg,masks/zz.png\n", "1 rows point at missing files:\n  row 2: mask"),
-        ("images/a.jpg,masks/a.png\nimages/a.jpg,masks/a.png\n", "row 3: " ),
+        ("images/a.jpg,masks/a.png\nimages/a.jpg,masks/a.png\n", "row 3: "),
         ("images/a.jpg,classes.txt\n", "rows point at non-image files"),
     ],
     ids=["missing_mask", "repeated_image", "mask_not_an_image"],

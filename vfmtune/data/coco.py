@@ -69,7 +69,7 @@ def _polygon_area(xy: list[float]) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)  # a big COCO JSON parses to gigabytes: keep few
 def _parse(src: str, mtime_ns: int, size: int) -> dict[str, Any]:
     """Validate a COCO JSON once per file version; returns images, class map and clean annotations."""
     try:

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from vfmtune.data.images import DataError
-from vfmtune.data.masks import _FIX_SKIP, IGNORE_INDEX, ColourTable, image_size, load_mask
+from vfmtune.data.masks import _FIX_SKIP, IGNORE_INDEX, ColourTable, load_mask, oriented_size
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _check_pair(image: str, mask: str, num_classes: int | None,
         return DataError.for_file(mask, f"mask file not found (for image {image})",
                                   "add the mask, or remove the image from the data")
     try:
-        size = image_size(image)
+        size = oriented_size(image)
     except Exception as e:  # noqa: BLE001 -- the image scan reports the details; here: which pair
         return DataError.for_file(image, f"image cannot be opened ({e or type(e).__name__})",
                                   "re-export the image or delete it with its mask")

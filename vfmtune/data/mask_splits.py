@@ -135,8 +135,21 @@ def resolve_mask_splits(
 
     New splits are saved to ``cache_dir/"splits"/f"seg-{key}.csv"`` by
     :func:`vfmtune.data.splits.save_splits`, with the rarest class each image contains as its
-    label (for a person reading the file; only path and split are read back). The key hashes the images and their class-presence sets (so relabelling a mask so that
-    a class appears or disappears makes a new split), the fractions and the seed.
+    label (for a person reading the file; only path and split are read back). The key hashes the
+    images and their class-presence sets (so relabelling a mask so that a class appears or
+    disappears makes a new split), the fractions and the seed.
+
+    Args:
+        table: The pairs; its own ``splits`` (a manifest's column) are returned unchanged.
+        presence: ``[N, K]`` bool class presence per pair (``MaskScanReport.presence``).
+        val_fraction: Share for validation.
+        test_fraction: Share for test.
+        seed: Split seed.
+        cache_dir: vfmtune's cache folder.
+        classes: Class names, for the saved file and warnings.
+
+    Returns:
+        ``"train"``/``"val"``/``"test"`` per pair, in table order.
 
     Example:
         >>> splits = resolve_mask_splits(table, report.presence, 0.15, 0.15, 0, "~/.cache/vfmtune")  # doctest: +SKIP

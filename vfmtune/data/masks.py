@@ -145,7 +145,7 @@ def _decode(path: str, colours: ColourTable | None) -> np.ndarray:
     lossy = _LOSSY_EXT.get(os.path.splitext(path)[1].lower())
     try:
         with _open(path) as raw:
-            lossy = _LOSSY.get(raw.format or "", lossy)
+            lossy = _LOSSY.get(raw.format) if raw.format else lossy  # the content decides, not the name
             if lossy:
                 raise DataError.for_file(
                     path, f"{lossy} mask: lossy compression blurs every class edge into in-between values "
@@ -159,6 +159,9 @@ def _decode(path: str, colours: ColourTable | None) -> np.ndarray:
             return _to_ids(path, im, colours)
     except DataError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError.for_file(path, f"mask is too large to decode safely ({e})",
+                                 "downscale it with nearest-neighbour, or raise PIL.Image.MAX_IMAGE_PIXELS") from None
     except Image.UnidentifiedImageError:
         raise DataError.for_file(path, "not a readable image (unknown format or corrupt header)",
                                  "export the mask again as PNG") from None
@@ -220,11 +223,11 @@ def load_mask(
     return ids
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+def oriented_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """``(width, height)`` of an image as :func:`vfmtune.data.images.load_image` shows it, from the header.
 
     Example:
-        >>> image_size("photos/0001.jpg")  # doctest: +SKIP
+        >>> oriented_size("photos/0001.jpg")  # doctest: +SKIP
         (640, 480)
     """
     with _open(os.fspath(path)) as im:
