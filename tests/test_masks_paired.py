@@ -104,3 +104,30 @@ def test_segmentation_dataset__loads_pairs(tmp_path: Path) -> None:
     assert image.shape == (3, 16, 16) and mask.shape == (16, 16) and mask.dtype == torch.int64
     with pytest.raises(DataError, match=r"narrow.png: mask is 40x48 but its image .*a.jpg is 64x48"):
         ds[1]
+
+
+def test_pipeline__folder_scan_split_dataset_loader(tmp_path: Path) -> None:
+    """The whole data path as the integrator wires it: source -> scan -> split -> dataset -> batches."""
+    from torch.utils.data import DataLoader
+
+    from vfmtune.data.mask_scan import scan_masks
+    from vfmtune.data.mask_sources import class_names, from_mask_folder
+    from vfmtune.data.mask_splits import resolve_mask_splits
+
+    for i in range(24):
+        ids = _blocks(i)
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        Image.fromarray(_paint(ids)).save(tmp_path / "images" / f"{i:02d}.png")
+        Image.fromarray(ids).save(tmp_path / "masks" / f"{i:02d}.png")
+    table = from_mask_folder(tmp_path)
+    ok, report = scan_masks(table.paths, table.masks)
+    assert all(ok) and class_names(table, report.num_classes) == ["class_0", "class_1", "class_2", "class_3"]
+    splits = resolve_mask_splits(table, report.presence, 0.2, 0.2, 0, tmp_path / "cache")
+    train = [i for i, s in enumerate(splits) if s == "train"]
+    assert report.class_pixels(train).shape == (4,)
+    train_tf, _ = build_paired_transforms({"input_size": (3, 32, 32)}, AugmentConfig())
+    ds = SegmentationDataset([table.paths[i] for i in train], [table.masks[i] for i in train], train_tf,
+                             num_classes=report.num_classes)
+    images, masks = next(iter(DataLoader(ds, batch_size=4)))
+    assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 32, 32) and masks.dtype == torch.int64
