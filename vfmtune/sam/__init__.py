@@ -20,6 +20,7 @@ if importlib.util.find_spec("segment_anything") is None:  # fail with the fix, n
     raise ImportError("vfmtune.sam needs Meta's segment-anything package: pip install segment-anything==1.0 "
                       "(or pip install \"vfmtune[sam]\").")
 
+from vfmtune.sam.models import SAM_MODELS, build_sam, create_sam  # noqa: E402
 from vfmtune.sam.weights import sam_weights_file  # noqa: E402
 
-__all__ = ["sam_weights_file"]
+__all__ = ["SAM_MODELS", "build_sam", "create_sam", "sam_weights_file"]
