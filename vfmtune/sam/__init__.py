@@ -21,6 +21,7 @@ if importlib.util.find_spec("segment_anything") is None:  # fail with the fix, n
                       "(or pip install \"vfmtune[sam]\").")
 
 from vfmtune.sam.models import SAM_MODELS, build_sam, create_sam  # noqa: E402
+from vfmtune.sam.predictor import SamPrediction, SamPromptPredictor  # noqa: E402
 from vfmtune.sam.weights import sam_weights_file  # noqa: E402
 
-__all__ = ["SAM_MODELS", "build_sam", "create_sam", "sam_weights_file"]
+__all__ = ["SAM_MODELS", "SamPrediction", "SamPromptPredictor", "build_sam", "create_sam", "sam_weights_file"]
