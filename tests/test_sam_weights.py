@@ -93,7 +93,7 @@ def test_packaged__damaged_cache_is_reported_deleted_and_fetched_again(
     else:
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="vfmtune.sam.weights"):
+    with caplog.at_level(logging.WARNING):
         healed = sam_weights_file(NAME, "packaged")
     what = "size" if damage == "truncate" else "sha256"
     assert str(path) in caplog.text and f"failed its check ({what}" in caplog.text
@@ -174,7 +174,7 @@ def test_hub__download_is_verified_and_a_corrupt_copy_is_fetched_again(
     path = sam_weights_file(NAME, "hub")
     assert path.read_bytes() == payload
     path.write_bytes(payload[:-10])
-    with caplog.at_level(logging.WARNING, logger="vfmtune.sam.weights"):
+    with caplog.at_level(logging.WARNING):
         assert sam_weights_file(NAME, "hub").read_bytes() == payload
     assert "failed its check (size" in caplog.text
     served.write_bytes(payload[:-10])  # now the server itself is wrong: one fresh download, then a clear error

