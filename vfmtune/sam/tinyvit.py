@@ -71,7 +71,8 @@ class TinyViTEncoder(nn.Module):
             "tiny_vit_5m_224", pretrained=False, num_classes=0, drop_path_rate=0.0,
             embed_dims=tuple(embed_dims), depths=tuple(depths), num_heads=tuple(num_heads),
             window_sizes=tuple(window_sizes))
-        self.trunk.reset_classifier(0, "", reset_other=True)  # SAM reads the feature map, not a pooled vector
+        # SAM reads the stride-16 feature map; the pooled ImageNet head (norm + fc) has no place in it.
+        self.trunk.head = nn.Identity()
         if stem_stride == 1:
             half = embed_dims[0] // 2
             self.trunk.patch_embed.conv1 = ConvNorm(3, half, ks=1, stride=1, pad=0)
