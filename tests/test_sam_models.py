@@ -67,6 +67,16 @@ def test_create_sam__file_in_official_layout_loads_strictly(tmp_path: Path, suff
         torch.testing.assert_close(loaded.image_encoder(x), trained.image_encoder(x), rtol=0, atol=0)
 
 
+def test_create_sam__vit_file_in_meta_layout_loads_strictly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trained = build_sam("test_sam_vit")  # segment-anything's ImageEncoderViT: Meta's key layout as is
+    torch.save({"model": trained.state_dict()}, tmp_path / "vit.pth")  # a training-style wrapper is unwrapped
+    loaded = create_sam("test_sam_vit", weights="file", path=tmp_path / "vit.pth")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.image_encoder(x), trained.image_encoder(x), rtol=0, atol=0)
+
+
 def test_create_sam__resolves_weights_before_building(monkeypatch: pytest.MonkeyPatch) -> None:
     # Offline, sam_vit_h must fail in seconds without first allocating 632M random parameters.
     monkeypatch.setattr("vfmtune.sam.models.build_sam", lambda name: pytest.fail("built before the weights"))

@@ -142,6 +142,17 @@ def test_file__the_wheel_itself_is_accepted_offline(
         sam_weights_file(NAME, "file", _write_wheel(tmp_path / "other", payload, dist="other_pkg"))
 
 
+def test_file__broken_copy_of_an_official_checkpoint_is_named(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    broken = tmp_path / "mobile_sam.pt"
+    broken.write_bytes(b"PK\x03\x04 not the whole file")
+    with caplog.at_level(logging.WARNING):
+        path = sam_weights_file("mobile_sam", "file", broken)  # a user's file is never deleted or replaced
+    assert path == broken and "named like the official checkpoint but fails its check (size 23 bytes" in caplog.text
+    with pytest.raises(WeightsError, match=r"Could not read checkpoint .*mobile_sam.pt \(23 bytes\)"):
+        load_sam_checkpoint(path)
+
+
 def test_file__missing_path_is_clear(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="Checkpoint file not found"):
         sam_weights_file(NAME, "file", tmp_path / "nope.pth")
