@@ -29,7 +29,7 @@ from vfmtune.sam.weights import sam_weights_dir, sam_weights_file
 from vfmtune.weights import cache_dir
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from test_sam_real import _reference_sam  # noqa: E402  (the same reference the parity tests use)
+from test_sam_real import _reference_sam
 
 
 def quokka() -> tuple[np.ndarray, np.ndarray, list[float]]:

@@ -8,6 +8,8 @@ import pytest
 import safetensors.torch
 import torch
 
+pytest.importorskip("segment_anything", reason="vfmtune.sam needs: pip install segment-anything==1.0")
+
 from vfmtune.sam import SAM_MODELS, build_sam, create_sam
 from vfmtune.sam.models import MinMaxSam, detect_sam_family, load_sam_state_dict
 from vfmtune.sam.tinyvit import TinyViTEncoder, tinyvit_keys_from_official, tinyvit_keys_to_official

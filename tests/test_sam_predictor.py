@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+pytest.importorskip("segment_anything", reason="vfmtune.sam needs: pip install segment-anything==1.0")
+
 from vfmtune.sam import SamPromptPredictor, build_sam
 
 H, W = 90, 120

@@ -25,10 +25,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from torch.nn import functional as F
+
+pytest.importorskip("segment_anything", reason="vfmtune.sam needs: pip install segment-anything==1.0")
 from segment_anything import SamPredictor
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
-from torch.nn import functional as F
 
 from vfmtune.sam import SamPromptPredictor, create_sam
 from vfmtune.sam.pypi_files import (

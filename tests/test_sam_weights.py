@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("segment_anything", reason="vfmtune.sam needs: pip install segment-anything==1.0")
+
 from vfmtune.sam import weights as sam_weights
 from vfmtune.sam.pypi_files import IndexUnreachableError, WheelFile
 from vfmtune.sam.weights import HubFile, load_sam_checkpoint, sam_weights_dir, sam_weights_file

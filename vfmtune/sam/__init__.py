@@ -17,11 +17,11 @@ from __future__ import annotations
 import importlib.util
 
 if importlib.util.find_spec("segment_anything") is None:  # fail with the fix, not a bare ModuleNotFoundError
-    raise ImportError("vfmtune.sam needs Meta's segment-anything package: pip install segment-anything==1.0 "
-                      "(or pip install \"vfmtune[sam]\").")
+    raise ImportError("vfmtune.sam needs Meta's segment-anything package (pure Python, Apache-2.0): "
+                      "pip install segment-anything==1.0")
 
-from vfmtune.sam.models import SAM_MODELS, build_sam, create_sam  # noqa: E402
-from vfmtune.sam.predictor import SamPrediction, SamPromptPredictor  # noqa: E402
-from vfmtune.sam.weights import sam_weights_file  # noqa: E402
+from vfmtune.sam.models import SAM_MODELS, build_sam, create_sam
+from vfmtune.sam.predictor import SamPrediction, SamPromptPredictor
+from vfmtune.sam.weights import sam_weights_file
 
 __all__ = ["SAM_MODELS", "SamPrediction", "SamPromptPredictor", "build_sam", "create_sam", "sam_weights_file"]

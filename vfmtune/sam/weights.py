@@ -261,7 +261,8 @@ def load_sam_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]
                            "state dict: torch.save(torch.load(p, weights_only=False)['model'], 'clean.pth').") from e
     except Exception as e:  # truncated zips, bad headers: torch and safetensors raise many types
         raise WeightsError(f"Could not read checkpoint {path} ({path.stat().st_size:,} bytes): "
-                           f"{type(e).__name__}: {str(e).rstrip('.')}. A truncated download looks like this: fetch it again.") from e
+                           f"{type(e).__name__}: {str(e).rstrip('.')}. "
+                           "A truncated download looks like this: fetch it again.") from e
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), Mapping):
