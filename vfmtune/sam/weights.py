@@ -131,7 +131,7 @@ def sam_weights_file(name: str, weights: SamWeights, path: str | os.PathLike[str
     if weights == "file":
         if path is None:
             raise WeightsError(f"weights=file needs path=/path/to/checkpoint for {name}.")
-        return _file_weights(Path(path).expanduser(), name)
+        return _file_weights(Path(path).expanduser())
     raise ValueError(f"Unknown SAM weights source {weights!r}; choose one of packaged, hub, file, none.")
 
 
@@ -183,7 +183,7 @@ def hub_sam_weights(name: str, timeout: float = 3.0) -> Path:
     return ensure_file(target, hub.size, hub.sha256, fetch)
 
 
-def _file_weights(path: Path, name: str) -> Path:
+def _file_weights(path: Path) -> Path:
     if not path.is_file():
         raise WeightsError(f"Checkpoint file not found: {path}. Set path= to an existing file "
                            "(absolute paths are safest under Hydra).")
