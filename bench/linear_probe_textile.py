@@ -77,6 +77,7 @@ def probe(img_size: int, tmp: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--img-sizes", type=int, nargs="+", default=[224, 336, 448])
+    parser.add_argument("--results", default="linear_probe_textile", help="results file name under bench/results/")
     args = parser.parse_args()
     figures: dict = {"backbone": "dinov2_vits14 (packaged)", "split_seed": 0, "img_sizes": args.img_sizes}
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +87,7 @@ def main() -> None:
     for size in args.img_sizes:
         figures[f"px{size}.forward_ms_per_image"] = round(ms[size], 1)
         figures[f"px{size}.forward_time_vs_{args.img_sizes[0]}"] = round(ms[size] / ms[args.img_sizes[0]], 2)
-    write_results("linear_probe_textile", figures)
+    write_results(args.results, figures)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,20 @@ class SchedName(Choice):
     none = "none"
 
 
+class SegHead(Choice):
+    linear = "linear"  # DINOv2's linear evaluation head: BatchNorm + 1x1 conv on the last layer's patch tokens
+    linear_ms = "linear_ms"  # the same on the last 4 layers' tokens, concatenated
+    decoder = "decoder"  # a light progressive-upsampling decoder over the last 4 layers
+
+
+class SegLoss(Choice):
+    ce = "ce"
+    dice = "dice"
+    focal = "focal"
+    ce_dice = "ce_dice"
+    focal_dice = "focal_dice"
+
+
 class LossName(Choice):
     ce = "ce"
     weighted_ce = "weighted_ce"
@@ -278,6 +292,24 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """Semantic segmentation (task=segment): head on patch-token maps, loss, and tiled inference."""
+
+    head: SegHead = SegHead.linear
+    layers: int | None = None  # how many of the last blocks feed the head; None: 1 for linear, 4 otherwise
+    decoder_dim: int = 128  # decoder: channels of the upsampling path
+    loss: SegLoss = SegLoss.ce_dice
+    # ce / focal: per-class weights from the TRAINING split's pixel counts: null | balanced | effective_number | [w_0, ...]
+    class_weights: Any = None
+    dice_weight: float = 1.0  # ce_dice / focal_dice: loss = ce (or focal) + dice_weight * dice
+    focal_gamma: float = 2.0
+    # Inference on images larger than the training images: overlapping windows of `window` source pixels
+    # (default: the training images' median size), each resized to backbone.img_size, blended back.
+    window: int | None = None
+    overlap: float = 0.25  # share of a window its neighbour overlaps
+
+
+@dataclass
 class Config:
     """A training run: what `vfmtune train` composes from `conf/config.yaml` plus overrides, and the
     base every other command's schema extends."""
@@ -291,6 +323,7 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     resample: ResampleConfig = field(default_factory=ResampleConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     trainer: dict[str, Any] = field(default_factory=_default_trainer)  # lightning.Trainer kwargs
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     callbacks: list[Any] = field(default_factory=list)  # extra allow-listed `_target_` callbacks

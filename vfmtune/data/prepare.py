@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from vfmtune.cache import cache_dir
 from vfmtune.config import Config, ConfigError, DataConfig
 from vfmtune.data.images import IMG_EXTENSIONS, DataError, scan_images
+from vfmtune.data.mask_scan import scan_masks
+from vfmtune.data.mask_sources import SegmentationTable, class_names
+from vfmtune.data.mask_splits import resolve_mask_splits
 from vfmtune.data.sources import SPLIT_NAMES, SampleTable, from_imagefolder, from_manifest, is_teacher_labelled, packaged_dataset
 from vfmtune.data.splits import resolve_splits, save_splits
 from vfmtune.report import split_summary
@@ -15,10 +21,17 @@ from vfmtune.report import split_summary
 
 @dataclass
 class Prepared:
-    """A dataset after scanning and splitting: what every command works from."""
+    """A dataset after scanning and splitting: what every command works from.
+
+    Attributes:
+        table: the samples (class targets, or mask files with their stratification class).
+        splits: "train" / "val" / "test" per sample.
+        pixel_counts: segmentation only: ``[N, K]`` labelled pixels per class per sample.
+    """
 
     table: SampleTable
     splits: list[str]
+    pixel_counts: np.ndarray | None = None
 
     def subset(self, split: str) -> tuple[list[str], list]:
         """`(paths, targets)` of one split ("all" for every sample); targets are class indices or mask files."""
@@ -72,6 +85,48 @@ def prepare_data(cfg: Config, run_dir: Path, table: SampleTable | None = None) -
     print(f"{len(table.paths)} images, {len(table.classes)} classes; split saved to {run_dir / 'splits.csv'}")
     print(split_summary(table.labels, splits, table.classes))
     return Prepared(table, splits)
+
+
+def prepare_masks(cfg: Config, run_dir: Path, source: SegmentationTable) -> Prepared:
+    """`prepare_data` for image/mask pairs: images decoded, masks checked against their images and
+    counted per class (`scan_masks`), split so that every class reaches every split it can
+    (`resolve_mask_splits`, persisted), and the split reported with each class's share of pixels."""
+    data = cfg.data
+    ok_images = scan_or_skip(source.paths, data)
+    num_classes = len(source.classes) if source.classes is not None else None
+    ok_masks, report = scan_masks(source.paths, source.masks, num_classes=num_classes, colours=source.colours,
+                                  on_bad=str(data.on_bad_image), workers=max(data.num_workers, 1))
+    if report.bad:
+        print(report.format())
+    keep = [i for i, (a, b) in enumerate(zip(ok_images, ok_masks)) if a and b]
+    counts = report.pixel_counts[keep]
+    seg = SegmentationTable([source.paths[i] for i in keep], [source.masks[i] for i in keep], source.classes, source.colours,
+                            [source.splits[i] for i in keep] if source.splits is not None else None)
+    classes = class_names(seg, report.num_classes)
+    if not keep:
+        raise DataError("No image/mask pair is usable (see the report above).")
+    presence = counts > 0
+    splits = resolve_mask_splits(seg, presence, data.val_fraction, data.test_fraction, data.seed, cache_dir(cfg.cache_dir), classes)
+    frequency = presence.sum(axis=0)
+    # The class each image is stratified by (its rarest): the "label" column of splits.csv.
+    strata = [int(np.flatnonzero(row)[np.argmin(frequency[row])]) if row.any() else 0 for row in presence]
+    table = SampleTable(paths=seg.paths, labels=strata, classes=classes, masks=seg.masks, colours=seg.colours)
+    save_splits(run_dir / "splits.csv", table.paths, table.labels, classes, splits)
+    print(f"{len(table)} images, {len(classes)} classes; split saved to {run_dir / 'splits.csv'}")
+    print(pixel_summary(counts, splits, classes))
+    return Prepared(table, splits, counts)
+
+
+def pixel_summary(counts: np.ndarray, splits: Sequence[str], classes: Sequence[str]) -> str:
+    """Images per split and each class's share of labelled pixels per split: class imbalance made visible."""
+    names = [s for s in SPLIT_NAMES if s in set(splits)]
+    width = max(len(c) for c in classes) + 2
+    lines = [f"  {'pixels %':<{width}}" + "".join(f"{s:>8}" for s in names)]
+    totals = {s: counts[[i for i, x in enumerate(splits) if x == s]].sum(axis=0) for s in names}
+    for k, cls in enumerate(classes):
+        lines.append(f"  {cls:<{width}}" + "".join(f"{100 * totals[s][k] / max(totals[s].sum(), 1):>8.2f}" for s in names))
+    lines.append(f"  {'images':<{width}}" + "".join(f"{sum(1 for x in splits if x == s):>8}" for s in names))
+    return "\n".join(lines)
 
 
 def train_class_counts(prepared: Prepared) -> list[int]:

@@ -46,6 +46,7 @@ class SampleTable:
             ``split`` column), else ``None``.
         ignored: Non-image files found where images were expected (hidden files are not listed).
         masks: Mask file per sample for segmentation targets, else ``None``.
+        colours: ``{(r, g, b): class id}`` when the masks are colour-coded, else ``None``.
     """
 
     paths: list[str]
@@ -54,6 +55,7 @@ class SampleTable:
     splits: list[str] | None = None
     ignored: list[str] = field(default_factory=list)
     masks: list[str] | None = None
+    colours: dict[tuple[int, int, int], int] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -72,6 +74,7 @@ class SampleTable:
             splits=[self.splits[i] for i in keep] if self.splits is not None else None,
             ignored=self.ignored,
             masks=[self.masks[i] for i in keep] if self.masks is not None else None,
+            colours=self.colours,
         )
 
     def class_counts(self) -> dict[str, int]:

@@ -6,18 +6,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 from typing_extensions import override
 
-from vfmtune.adapt.freeze import apply_finetune, is_frozen, keep_frozen_bn_eval
-from vfmtune.adapt.lora import apply_lora
-from vfmtune.backbones import create_backbone
-from vfmtune.config import Config, ConfigError, FinetuneMode, HeadConfig, HeadType, to_container, typed
+from vfmtune.adapt.backbone import adapted_backbone
+from vfmtune.config import Config, HeadConfig, HeadType, to_container, typed
 from vfmtune.losses import build_loss
 from vfmtune.metrics import ClassMetrics
-from vfmtune.optim import backbone_param_groups, build_optimizer, build_schedule, weight_decay_groups
-from vfmtune.tasks.base import TaskModule
+from vfmtune.tasks.adapted import AdaptedModule
 
 
 def build_head(in_features: int, num_classes: int, cfg: HeadConfig) -> nn.Sequential:
@@ -32,24 +28,7 @@ def build_head(in_features: int, num_classes: int, cfg: HeadConfig) -> nn.Sequen
     return nn.Sequential(*layers)
 
 
-def build_classification_backbone(config: Config, load_weights: bool = True) -> nn.Module:
-    """The configured backbone with its finetune mode applied: frozen / trainable parameters, gradient
-    checkpointing, LoRA adapters (peft) — what every task that fine-tunes a backbone starts from."""
-    b, ft = config.backbone, config.finetune
-    backbone = create_backbone(b.name, weights=str(b.weights) if load_weights else "none", path=b.path, img_size=b.img_size,
-                               drop_path_rate=b.drop_path_rate, global_pool=b.global_pool)
-    apply_finetune(backbone, ft.mode, ft.n_blocks, ft.freeze, ft.unfreeze)
-    if ft.grad_checkpointing:
-        try:  # before peft wraps the model: timm's forward_features reads the flag on the model itself
-            backbone.set_grad_checkpointing(True)
-        except (AssertionError, NotImplementedError) as e:
-            raise ConfigError(f"finetune.grad_checkpointing=true: {b.name} does not support it in timm ({e}).") from e
-    if ft.mode == FinetuneMode.lora:
-        backbone = apply_lora(backbone, ft)
-    return backbone
-
-
-class Classifier(TaskModule):
+class Classifier(AdaptedModule):
     """Backbone + head, trained with the run's optimiser, schedule and loss.
 
     Args:
@@ -78,7 +57,7 @@ class Classifier(TaskModule):
         counts = None if class_counts is None else [int(n) for n in class_counts]
         self.save_hyperparameters({"task": "classify", "config": to_container(config), "classes": list(classes), "class_counts": counts})
         self.config = config
-        self.backbone = build_classification_backbone(config, load_weights)
+        self.backbone = adapted_backbone(config, load_weights)
         self.head = build_head(self.backbone.num_features, len(classes), config.head)
         self.class_counts = counts
         # Without counts (a model built by hand, not by `vfmtune.train`) classes count as equal.
@@ -94,25 +73,6 @@ class Classifier(TaskModule):
 
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.head(inputs) if self.embeddings_input else self(inputs)
-
-    @override
-    def train(self, mode: bool = True) -> Classifier:
-        super().train(mode)
-        # A frozen backbone stays in eval mode: dropout / drop-path / BN statistics must not change
-        # features that are meant to be fixed (and that the embedding cache assumes are).
-        if mode and is_frozen(self.backbone):
-            self.backbone.eval()
-        elif mode and not self.config.finetune.train_bn:
-            keep_frozen_bn_eval(self.backbone)  # partly frozen: frozen BatchNorms keep their statistics
-        if mode and (self.progressive or not is_frozen(self.backbone)):
-            # Features that move with the backbone leave the head's running statistics behind, and eval then
-            # normalises with stale ones (DINOv2-S: one lr-1e-5 backbone step dropped val macro-F1 from 0.72
-            # to 0.14; 0.61 with re-estimated statistics). So the head's feature norm stays a fixed map: the
-            # probe's statistics with finetune.head_from, else the identity. It trains only on fixed features.
-            for m in self.head.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
 
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -131,21 +91,3 @@ class Classifier(TaskModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.logits(x).softmax(-1)
-
-    @property
-    def progressive(self) -> bool:
-        """True when a progressive unfreezing schedule adds param groups during training."""
-        ft = self.config.finetune
-        return ft.mode == FinetuneMode.progressive or bool(ft.schedule) or bool(ft.every)
-
-    def backbone_param_groups(self, only: Any = None) -> list[dict[str, Any]]:
-        """Trainable backbone parameters as optimizer groups: lr = optim.lr x backbone_lr_scale, decayed
-        by depth when optim.layer_decay is set (progressive unfreezing adds groups the same way)."""
-        o = self.config.optim
-        return backbone_param_groups(self.backbone, o.lr * o.backbone_lr_scale, o.weight_decay, o.layer_decay, only)
-
-    @override
-    def configure_optimizers(self) -> OptimizerLRSchedulerConfig | torch.optim.Optimizer:
-        o = self.config.optim
-        optimizer = build_optimizer(weight_decay_groups(self.head, o.lr, o.weight_decay) + self.backbone_param_groups(), o)
-        return build_schedule(optimizer, self.config.sched, self, groups_join=self.progressive)

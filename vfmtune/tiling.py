@@ -1,0 +1,77 @@
+"""Sliding-window inference for images larger than what a segmentation model was trained on.
+
+A model trained on 128 px tiles resized to a 448 px input sees each source pixel at 3.5x. Resizing a
+900x900 aerial image to 448 would show it at 0.5x, far from what the model learnt; instead the image
+is cut into overlapping windows of the training size, each predicted at the model's input size, and
+the logits blended back with weights that fall off towards each window's edge (where context is
+missing), so seams disappear. The window grid and weights are plain numpy, shared with the
+torch-free `vfmtune.runtime`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """Start offsets of windows of `window` covering `length`, neighbours overlapping by >= `overlap`.
+
+    Example:
+        >>> window_starts(900, 256, 0.25)
+        [0, 161, 322, 483, 644]
+    """
+    if length <= window:
+        return [0]
+    stride = max(1, int(window * (1 - overlap)))
+    n = int(np.ceil((length - window) / stride)) + 1
+    return [round(i * (length - window) / (n - 1)) for i in range(n)]
+
+
+def blend_weights(window: int) -> np.ndarray:
+    """[window, window] weights: 1 in the centre, falling linearly to 1/window at the edges."""
+    ramp = np.minimum(np.arange(1, window + 1), np.arange(window, 0, -1)) / (window / 2)
+    ramp = np.clip(ramp, 1.0 / window, 1.0)
+    return np.outer(ramp, ramp).astype(np.float32)
+
+
+@torch.inference_mode()
+def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, size: int, window: int,
+                   overlap: float = 0.25, batch_size: int = 8) -> torch.Tensor:
+    """Logits `[1, K, H, W]` of a normalised image `[1, 3, H, W]` at its own resolution.
+
+    Images no larger than 1.5 x `window` on both sides are resized to the model input in one piece (a
+    tile a little larger than the training tiles needs no seams); larger ones are tiled.
+
+    Args:
+        predict: model inputs `[B, 3, size, size]` -> logits `[B, K, size, size]`.
+        image: the normalised image at its native size.
+        size: the model's input size.
+        window: window side in source pixels (typically the training images' size).
+        overlap: share of a window its neighbour overlaps.
+        batch_size: windows per model call.
+    """
+    _, _, h, w = image.shape
+    if h <= 1.5 * window and w <= 1.5 * window:
+        return F.interpolate(predict(F.interpolate(image, size=(size, size), mode="bilinear", antialias=True,
+                                                   align_corners=False)).float(), size=(h, w), mode="bilinear", align_corners=False)
+    if h < window or w < window:  # one side shorter than a window: pad it (reflection keeps texture)
+        image = F.pad(image, (0, max(0, window - w), 0, max(0, window - h)), mode="reflect")
+    ph, pw = image.shape[-2:]
+    boxes = [(y, x) for y in window_starts(ph, window, overlap) for x in window_starts(pw, window, overlap)]
+    weight = torch.from_numpy(blend_weights(window)).to(image.device)
+    total, norm = None, torch.zeros(1, 1, ph, pw, device=image.device)
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i : i + batch_size]
+        crops = torch.cat([image[..., y : y + window, x : x + window] for y, x in chunk])
+        logits = predict(F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)).float()
+        logits = F.interpolate(logits, size=(window, window), mode="bilinear", align_corners=False)
+        if total is None:
+            total = torch.zeros(1, logits.shape[1], ph, pw, device=image.device)
+        for (y, x), piece in zip(chunk, logits):
+            total[0, :, y : y + window, x : x + window] += piece * weight
+            norm[0, 0, y : y + window, x : x + window] += weight
+    return (total / norm)[..., :h, :w]
