@@ -82,3 +82,28 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
 
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def make_mask_folder(root: Path, n: int = 24, size: int = 48, seed: int = 0, classes: tuple[str, ...] = ("background", "disc", "square")) -> Path:
+    """`root/images/*.png` + `root/masks/*.png` + `root/classes.txt`: noisy images whose bright discs
+    (class 1) and dark squares (class 2) are what the masks label; learnable by a tiny model."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        image = np.full((size, size, 3), 120, np.int64) + rng.integers(-30, 30, (size, size, 3))
+        mask = np.zeros((size, size), np.uint8)
+        (cy, cx), r = rng.integers(10, size - 10, 2).tolist(), int(rng.integers(5, 9))
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        image[disc] += 90
+        mask[disc] = 1
+        if len(classes) > 2 and i % 2 == 0:  # squares in half the images: a rarer class
+            y0, x0 = rng.integers(0, size - 12, 2)
+            square = (yy >= y0) & (yy < y0 + 10) & (xx >= x0) & (xx < x0 + 10) & ~disc
+            image[square] -= 90
+            mask[square] = 2
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"img_{i:03d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"img_{i:03d}.png")
+    return root

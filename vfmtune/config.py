@@ -170,7 +170,8 @@ class AugmentConfig:
 class DataConfig:
     dataset: str | None = "textile"  # packaged dataset, used when neither root nor manifest is set
     root: str | None = None  # ImageFolder: one sub-folder per class
-    manifest: str | None = None  # CSV with columns path,label[,split]
+    manifest: str | None = None  # CSV with columns path,label[,split] (task=segment: image,mask[,split])
+    coco: str | None = None  # task=segment: COCO instances JSON (polygons / RLE); images under data.root or beside it
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0  # split seed; kept apart from the training seed so splits stay fixed
@@ -358,6 +359,7 @@ class PredictCommand(Config):
     """`vfmtune predict ckpt=... images=...`."""
 
     images: str | None = None  # a folder (searched recursively) or one image
+    overlay: bool = False  # task=segment: also write a colour overlay per image
 
 
 @dataclass

@@ -129,3 +129,88 @@ def classification_report(metrics: dict[str, Any], classes: Sequence[str], run_d
     for prefix in prefixes:
         if f"{prefix}/accuracy" in metrics:
             print(results_table(metrics, classes, prefix))
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """`[n, 3]` uint8 colours of the PASCAL VOC palette (class 0 black, then well-separated hues), so a
+    predicted mask saved as a palette PNG shows in colour and still stores class ids."""
+    out = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    return out
+
+
+def overlay(image: np.ndarray, ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """RGB `[H, W, 3]` uint8 with class colours blended over every non-background pixel."""
+    colours = voc_palette()[ids]
+    blend = (1 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
+    return np.where((ids > 0)[..., None] & (ids < 255)[..., None], blend, image).astype(np.uint8)
+
+
+def plot_overlays(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | os.PathLike, title: str) -> None:
+    """A grid: per image (name, RGB, true ids, predicted ids) the image, the truth and the prediction."""
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    for r, (name, image, truth, pred) in enumerate(rows):
+        for c, (panel, label) in enumerate(((image, name), (overlay(image, truth), "truth"), (overlay(image, pred), "prediction"))):
+            axes[r, c].imshow(panel)
+            axes[r, c].set_title(label, fontsize=8)
+            axes[r, c].axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_class_iou(metrics: dict[str, Any], classes: Sequence[str], prefix: str, path: str | os.PathLike) -> bool:
+    """Bars of per-class IoU and Dice: where a rare class fails, its bar shows it even when mIoU looks fine."""
+    if not any(metrics.get(f"{prefix}/iou/{c}") is not None for c in classes):
+        return False
+    x = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(classes) + 2), 4))
+    for i, name in enumerate(("iou", "dice")):
+        ax.bar(x + (i - 0.5) * 0.4, [metrics.get(f"{prefix}/{name}/{c}") or 0.0 for c in classes], 0.4, label=name)
+    ax.set_xticks(x, list(classes), rotation=30, ha="right")
+    ax.set_ylim(0, 1.15)
+    ax.set_title(f"{prefix}: per-class IoU / Dice (mIoU {metrics[f'{prefix}/miou']:.3f})", fontsize=9)
+    ax.legend(loc="upper center", ncol=2, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def mask_results_table(metrics: dict[str, Any], classes: Sequence[str], prefix: str = "test") -> str:
+    """mIoU, Dice, pixel accuracy, boundary IoU and per-class IoU / Dice / boundary IoU."""
+    def fmt(v: Any) -> str:
+        return f"{v:>9.4f}" if isinstance(v, float) else f"{'-':>9}"
+
+    lines = [f"{prefix} results"]
+    lines += [f"  {name:<18} {metrics[f'{prefix}/{name}']:.4f}" for name in ("miou", "dice", "pixel_accuracy", "boundary_iou")
+              if isinstance(metrics.get(f"{prefix}/{name}"), float)]
+    width = max(len(c) for c in classes) + 2
+    lines.append(f"  {'class':<{width}} {'iou':>9} {'dice':>9} {'boundary':>9}")
+    lines += [f"  {c:<{width}} {fmt(metrics.get(f'{prefix}/iou/{c}'))} {fmt(metrics.get(f'{prefix}/dice/{c}'))} "
+              f"{fmt(metrics.get(f'{prefix}/boundary_iou/{c}'))}" for c in classes]
+    return "\n".join(lines)
+
+
+MASK_CURVES = ("val/miou", "val/dice", "val/boundary_iou")
+
+
+def segmentation_report(metrics: dict[str, Any], classes: Sequence[str], run_dir: Path, prefixes: Sequence[str]) -> None:
+    """Per-class IoU bars and curves into `run_dir/plots`; the results table printed."""
+    plots = Path(run_dir) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    for prefix in prefixes:
+        plot_per_class_iou(metrics, classes, prefix, plots / f"per_class_iou_{prefix}.png")
+    plot_curves(Path(run_dir) / "logs" / "metrics.csv", plots / "curves.png", MASK_CURVES)
+    for prefix in prefixes:
+        if f"{prefix}/miou" in metrics:
+            print(mask_results_table(metrics, classes, prefix))

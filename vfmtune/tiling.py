@@ -40,23 +40,25 @@ def blend_weights(window: int) -> np.ndarray:
 
 @torch.inference_mode()
 def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, size: int, window: int,
-                   overlap: float = 0.25, batch_size: int = 8) -> torch.Tensor:
+                   overlap: float = 0.25, batch_size: int = 8, mode: str = "bilinear") -> torch.Tensor:
     """Logits `[1, K, H, W]` of a normalised image `[1, 3, H, W]` at its own resolution.
 
     Images no larger than 1.5 x `window` on both sides are resized to the model input in one piece (a
     tile a little larger than the training tiles needs no seams); larger ones are tiled.
 
     Args:
-        predict: model inputs `[B, 3, size, size]` -> logits `[B, K, size, size]`.
+        predict: model inputs `[B, 3, size, size]` -> logits `[B, K, h, w]` at any resolution (a head's
+            own: they are resized once, to where they are used).
         image: the normalised image at its native size.
         size: the model's input size.
         window: window side in source pixels (typically the training images' size).
         overlap: share of a window its neighbour overlaps.
         batch_size: windows per model call.
+        mode: interpolation of the image to the model input (the backbone's, e.g. bicubic for DINOv2).
     """
     _, _, h, w = image.shape
     if h <= 1.5 * window and w <= 1.5 * window:
-        return F.interpolate(predict(F.interpolate(image, size=(size, size), mode="bilinear", antialias=True,
+        return F.interpolate(predict(F.interpolate(image, size=(size, size), mode=mode, antialias=True,
                                                    align_corners=False)).float(), size=(h, w), mode="bilinear", align_corners=False)
     if h < window or w < window:  # one side shorter than a window: pad it (reflection keeps texture)
         image = F.pad(image, (0, max(0, window - w), 0, max(0, window - h)), mode="reflect")
@@ -67,7 +69,7 @@ def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], image: torch
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i : i + batch_size]
         crops = torch.cat([image[..., y : y + window, x : x + window] for y, x in chunk])
-        logits = predict(F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)).float()
+        logits = predict(F.interpolate(crops, size=(size, size), mode=mode, antialias=True, align_corners=False)).float()
         logits = F.interpolate(logits, size=(window, window), mode="bilinear", align_corners=False)
         if total is None:
             total = torch.zeros(1, logits.shape[1], ph, pw, device=image.device)

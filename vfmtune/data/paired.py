@@ -120,6 +120,24 @@ def build_paired_transforms(
     return PairedTransform(v2.Compose([*ops, *tail])), eval_tf
 
 
+def image_transform(data_config: dict[str, Any], size: int | None = None) -> v2.Compose:
+    """The image half of the eval transform, for a PIL image: resized to the input size (or to `size` x
+    `size`) and normalised: the same pixels `build_paired_transforms`' eval transform gives the image,
+    so a patch-token cache built with it matches the uncached path.
+    """
+    target = (int(size), int(size)) if size else tuple(int(v) for v in data_config["input_size"][-2:])
+    interpolation = v2.InterpolationMode(str(data_config.get("interpolation", "bilinear")))
+    return v2.Compose([v2.ToImage(), v2.Resize(target, interpolation=interpolation, antialias=True),
+                       v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(data_config.get("mean", _IMAGENET_MEAN)), list(data_config.get("std", _IMAGENET_STD)))])
+
+
+def normalise_transform(data_config: dict[str, Any]) -> v2.Compose:
+    """A PIL image at its own size -> normalised float `[3, H, W]` (tiled inference resizes windows itself)."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(data_config.get("mean", _IMAGENET_MEAN)), list(data_config.get("std", _IMAGENET_STD)))])
+
+
 class SegmentationDataset(Dataset):
     """``(image, mask)`` pairs; decoding goes through :func:`load_image` and :func:`load_mask`, so a
     file that broke after the scan fails with its path and a fix, not a traceback inside a worker.

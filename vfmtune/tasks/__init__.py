@@ -16,6 +16,7 @@ from vfmtune.tasks.base import Task
 TASKS: dict[str, str] = {
     "classify": "vfmtune.tasks.classify:ClassifyTask",
     "distill": "vfmtune.tasks.distill:DistillTask",
+    "segment": "vfmtune.tasks.segment:SegmentTask",
 }
 
 

@@ -63,7 +63,8 @@ class Segmenter(AdaptedModule):
         seg = config.segment
         self.backbone = adapted_backbone(config, load_weights)
         self.layers = default_layers(seg.head, seg.layers)
-        self.size = int(data_config(self.backbone, config.backbone.img_size)["input_size"][-1])
+        dcfg = data_config(self.backbone, config.backbone.img_size)
+        self.size, self.interpolation = int(dcfg["input_size"][-1]), str(dcfg.get("interpolation", "bilinear"))
         was_training = self.backbone.training
         with torch.no_grad():
             channels = encode(self.backbone.eval(), torch.zeros(1, 3, self.size, self.size), self.layers).shape[1]
@@ -99,7 +100,8 @@ class Segmenter(AdaptedModule):
         """A normalised image `[1, 3, H, W]` at its own size -> logits `[1, K, H, W]`: resized whole when
         it is about the training size, else tiled in overlapping windows (`vfmtune.tiling`)."""
         window = self.config.segment.window or self.window or max(image.shape[-2:])
-        return sliding_window(self, image, self.size, int(window), self.config.segment.overlap)
+        return sliding_window(lambda x: self.head(self.encode(x)), image, self.size, int(window), self.config.segment.overlap,
+                              mode=self.interpolation)
 
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
