@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load lazily below
     from vfmtune.backbones import ALIASES, create_backbone
+    from vfmtune.commands.cache import cache
     from vfmtune.commands.cv import cv
     from vfmtune.commands.distill import distill
     from vfmtune.commands.embed import embed
@@ -32,6 +33,7 @@ _PUBLIC = {
     "ALIASES": "vfmtune.backbones",
     "Config": "vfmtune.config",
     "ConfigError": "vfmtune.config",
+    "cache": "vfmtune.commands.cache",
     "create_backbone": "vfmtune.backbones",
     "cv": "vfmtune.commands.cv",
     "distill": "vfmtune.commands.distill",
@@ -46,7 +48,7 @@ _PUBLIC = {
     "train": "vfmtune.commands.train",
 }
 __all__ = [
-    "ALIASES", "Config", "ConfigError", "create_backbone", "cv", "distill", "embed", "evaluate", "export", "export_merged",
+    "ALIASES", "Config", "ConfigError", "cache", "create_backbone", "cv", "distill", "embed", "evaluate", "export", "export_merged",
     "load_config", "load_model", "predict", "pseudo_label", "train",
 ]
 __version__ = "0.1.0"

@@ -29,6 +29,7 @@ from vfmtune.weights import (
     WeightsError,
     check_hub_reachable,
     file_sha256,
+    load_packaged,
     load_state_dict_file,
     packaged_weights,
 )
@@ -123,7 +124,7 @@ def create_backbone(
     if weights == "hub":
         check_hub_reachable()
     elif weights == "packaged":
-        state_dict = load_state_dict_file(packaged_weights(model_name))
+        state_dict = load_packaged(model_name)
     elif weights == "file":
         state_dict = load_state_dict_file(path)
 

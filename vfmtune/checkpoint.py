@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from vfmtune.io import torch_save
+from vfmtune.faults import fault_point
+from vfmtune.io import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -18,7 +19,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        torch_save(checkpoint, path)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+            fault_point(f"checkpoint_write_{Path(path).stem}")
 
 
 def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:

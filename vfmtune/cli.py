@@ -26,9 +26,10 @@ commands:
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors a user can fix from the command line: printed as one message, no traceback.
     (DataError and ConfigError are ValueErrors.)"""
+    from vfmtune.io import DiskError
     from vfmtune.weights import WeightsError
 
-    return (ValueError, FileNotFoundError, WeightsError)
+    return (ValueError, FileNotFoundError, WeightsError, DiskError)
 
 
 def _config_groups() -> set[str]:

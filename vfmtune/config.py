@@ -434,6 +434,13 @@ class MergeCommand(Config):
     merge_atol: float = 1.0e-4  # max abs logit difference allowed between merged and LoRA
 
 
+@dataclass
+class CacheCommand(Config):
+    """`vfmtune cache [clear=embeddings|weights|splits|coco_masks|bench_data|all]`."""
+
+    clear: str | None = None
+
+
 # Hydra option of the `command` config group -> schema. `conf/config.yaml` starts from `command: train`;
 # the CLI selects `command=<name>` for the others.
 SCHEMAS: dict[str, type[Config]] = {
@@ -446,6 +453,7 @@ SCHEMAS: dict[str, type[Config]] = {
     "pseudo_label": PseudoLabelCommand,
     "export": ExportCommand,
     "merge": MergeCommand,
+    "cache": CacheCommand,
 }
 
 

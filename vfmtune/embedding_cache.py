@@ -13,12 +13,15 @@ only embeds the new ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,12 +29,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vfmtune.backbones import data_config
-from vfmtune.cache import cache_dir
+from vfmtune.cache_dir import cache_dir
 from vfmtune.config import AugmentConfig, Config
 from vfmtune.data.datamodule import ImageDataset
 from vfmtune.data.transforms import build_transforms
 from vfmtune.device import compute_device
-from vfmtune.io import atomic_path
+from vfmtune.faults import fault_point
+from vfmtune.io import atomic_path, write_json
 
 CACHE_VERSION = 1
 
@@ -61,18 +65,34 @@ def model_key(backbone_name: str, weights_id: str, transform: Callable, extra: d
 class EmbeddingCache:
     """Content-addressed embeddings for one model key.
 
+    Shards are written atomically every `shard_every` batches, so a killed embedding pass keeps what
+    it finished and a rerun embeds only the rest. A shard that cannot be read (truncated by a full
+    disk, an interrupted copy) is reported once, deleted, and its rows are recomputed. Processes that
+    embed into the same folder at once take turns through a file lock, so no image is embedded twice.
+
     Example:
-        >>> cache = EmbeddingCache(cache_dir() / "embeddings" / key)
+        >>> cache = EmbeddingCache(cache_dir() / "embeddings" / key, meta={"backbone": "dinov2_vits14"})
         >>> feats = cache.embed(backbone, paths, eval_transform)  # [len(paths), D]
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    shard_every = 16  # batches per shard: at most this much work is lost to a crash
+
+    def __init__(self, folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
+        self.meta = meta
 
     def _load(self) -> dict[bytes, torch.Tensor]:
         table: dict[bytes, torch.Tensor] = {}
         for shard in sorted(self.folder.glob("*.safetensors")):
-            data = load_file(shard)
+            try:
+                data = load_file(shard)
+                if data["digests"].shape[0] != data["features"].shape[0]:
+                    raise ValueError(f"{data['digests'].shape[0]} digests for {data['features'].shape[0]} rows")
+            except Exception as e:  # noqa: BLE001 - any unreadable shard is derived data: drop it, recompute its rows
+                warnings.warn(f"embedding cache file {shard} is unreadable ({type(e).__name__}: {e}); deleted, "
+                              "its images are embedded again.", stacklevel=3)
+                shard.unlink(missing_ok=True)
+                continue
             for digest, row in zip(data["digests"].numpy(), data["features"]):
                 table[digest.tobytes()] = row
         return table
@@ -82,6 +102,24 @@ class EmbeddingCache:
         digest_t = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).view(-1, 32)
         with atomic_path(self.folder / f"{name}.safetensors") as tmp:
             save_file({"digests": digest_t, "features": features.contiguous()}, str(tmp))
+        if self.meta is not None and not (self.folder / "meta.json").is_file():
+            write_json(self.folder / "meta.json", self.meta)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive use of the folder while misses are computed (POSIX advisory lock; elsewhere none)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # Windows: atomic shards still keep every file whole
+            yield
+            return
+        with open(self.folder / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @torch.inference_mode()
     def embed(
@@ -100,35 +138,44 @@ class EmbeddingCache:
         misses are computed, on `device` (the backbone goes back where it was); stored on the CPU."""
         digests = [file_digest(p) for p in paths]
         table = self._load()
+        if any(d not in table for d in digests):
+            with self._locked():
+                table = self._load()  # another process may have embedded them while we waited
+                self._embed_missing(table, digests, paths, backbone, transform, batch_size, num_workers, progress, device, extract)
+        return torch.stack([table[d] for d in digests])
+
+    def _embed_missing(self, table: dict[bytes, torch.Tensor], digests: list[bytes], paths: Sequence[str], backbone: nn.Module,
+                       transform: Callable, batch_size: int, num_workers: int, progress: bool, device: torch.device | str,
+                       extract: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None) -> None:
         missing_unique: dict[bytes, int] = {}  # digest -> first index: duplicate files embed once
         for i, d in enumerate(digests):
             if d not in table:
                 missing_unique.setdefault(d, i)
-        if missing_unique:
-            idx = list(missing_unique.values())
-            loader = DataLoader(
-                ImageDataset([paths[i] for i in idx], [0] * len(idx), transform),
-                batch_size=batch_size,
-                num_workers=num_workers,
-            )
-            was_training = backbone.training
-            home = next(backbone.parameters()).device
-            backbone.eval().to(device)
-            chunks = []
-            iterator = loader
-            if progress:
-                from tqdm.auto import tqdm
+        if not missing_unique:
+            return
+        idx = list(missing_unique.values())
+        loader = DataLoader(ImageDataset([paths[i] for i in idx], [0] * len(idx), transform), batch_size=batch_size,
+                            num_workers=num_workers)
+        was_training = backbone.training
+        home = next(backbone.parameters()).device
+        backbone.eval().to(device)
+        iterator: Any = loader
+        if progress:
+            from tqdm.auto import tqdm
 
-                iterator = tqdm(loader, desc=f"embedding {len(idx)} images (cached for later runs)", unit="batch")
-            for images, _ in iterator:
-                x = images.to(device, non_blocking=True)
-                chunks.append((backbone(x) if extract is None else extract(backbone, x)).float().cpu())
-            backbone.train(was_training).to(home)
-            features = torch.cat(chunks)
-            self._save_shard([digests[i] for i in idx], features)
-            for j, i in enumerate(idx):
-                table[digests[i]] = features[j]
-        return torch.stack([table[d] for d in digests])
+            iterator = tqdm(loader, desc=f"embedding {len(idx)} images (cached for later runs)", unit="batch")
+        done, chunks = 0, []
+        for b, (images, _) in enumerate(iterator, start=1):
+            x = images.to(device, non_blocking=True)
+            chunks.append((backbone(x) if extract is None else extract(backbone, x)).float().cpu())
+            fault_point("embed_batch")
+            if b % self.shard_every == 0 or b == len(loader):
+                features = torch.cat(chunks)
+                part = [digests[i] for i in idx[done : done + len(features)]]
+                self._save_shard(part, features)
+                table.update(zip(part, features))
+                done, chunks = done + len(features), []
+        backbone.train(was_training).to(home)
 
 
 def embed_images(
@@ -150,8 +197,11 @@ def embed_images(
         `[len(paths), ...]` float32 on the CPU.
     """
     eval_tf = transform or build_transforms(data_config(backbone, config.backbone.img_size), AugmentConfig(enabled=False))[1]
-    key = model_key(config.backbone.name, weights_digest(backbone), eval_tf, None if kind == "pooled" else {"kind": kind})
-    cache = EmbeddingCache(cache_dir(config.cache_dir) / "embeddings" / key)
+    digest = weights_digest(backbone)
+    key = model_key(config.backbone.name, digest, eval_tf, None if kind == "pooled" else {"kind": kind})
+    meta = {"backbone": config.backbone.name, "weights": str(config.backbone.weights), "img_size": config.backbone.img_size,
+            "kind": kind, "weights_digest": digest}
+    cache = EmbeddingCache(cache_dir(config.cache_dir) / "embeddings" / key, meta=meta)
     t0 = time.perf_counter()
     features = cache.embed(backbone, paths, eval_tf, config.data.batch_size, config.data.num_workers,
                            device=compute_device(config), extract=extract)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vfmtune.config import Config
 from vfmtune.device import compute_device
+from vfmtune.faults import fault_point
 from vfmtune.metrics import MetricSpec
 
 
@@ -26,7 +27,10 @@ def run_inference(module: nn.Module, dataset: Dataset, config: Config) -> torch.
     """`module(inputs)` for every `(inputs, target)` of `dataset`, concatenated on the CPU, on the run's device."""
     device = compute_device(config)
     module = module.eval().to(device)
-    outputs = [module(x.to(device)).float().cpu() for x, _ in eval_loader(dataset, config)]
+    outputs = []
+    for x, _ in eval_loader(dataset, config):
+        outputs.append(module(x.to(device)).float().cpu())
+        fault_point("inference_batch")
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 

@@ -18,13 +18,14 @@ import re
 import socket
 import threading
 import urllib.parse
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
-from vfmtune.cache import cache_dir
+from vfmtune.cache_dir import cache_dir
 from vfmtune.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,23 @@ def packaged_weights(name: str) -> Path:
         state_dict = _convert_by_order(source, name)
     _save_atomic(state_dict, target, metadata={"source": f"{dist}=={importlib.metadata.version(dist)}:{rel}"})
     return target
+
+
+def load_packaged(name: str) -> dict[str, torch.Tensor]:
+    """The packaged weights of `name` as a state dict. The converted file is derived data: one that cannot
+    be read (truncated by a full disk or an interrupted copy) is reported, deleted and converted again.
+
+    Example:
+        >>> state_dict = load_packaged("vit_small_patch14_dinov2")  # doctest: +SKIP
+    """
+    path = packaged_weights(name)
+    try:
+        return load_state_dict_file(path)
+    except WeightsError as e:
+        warnings.warn(f"converted weights {path} are unreadable ({e}); deleted and converted again from the package.",
+                      stacklevel=2)
+        path.unlink(missing_ok=True)
+        return load_state_dict_file(packaged_weights(name))
 
 
 def _convert_by_order(path: Path, name: str) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ adapter is never silently applied to another backbone). LoRA: https://arxiv.org/
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,9 @@ def load_adapter(backbone: nn.Module, head: nn.Module, folder: str | Path) -> Pe
     name = meta["config"]["backbone"]["name"]
     try:
         peft_backbone = PeftModel.from_pretrained(backbone, folder)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"{folder}: the adapter's weights are a pickle that needs code to load; refused (weights_only). "
+                          "Fix: save adapters with peft's save_pretrained (safetensors).") from e
     except (RuntimeError, ValueError, KeyError) as e:
         raise ConfigError(f"{folder}: the adapter does not fit this backbone ({e}).") from e
     digest = base_weights_digest(peft_backbone)

@@ -36,6 +36,8 @@ COMMANDS: dict[str, Command] = {
                             "vfmtune pseudo-label teacher=RUN_DIR images=DIR pseudo_label.threshold=0.9"),
     "export": Command("vfmtune.commands.export:export", "export", "verified ONNX/TorchScript bundle",
                       "vfmtune export ckpt=RUN_DIR format=onnx quantize=int8"),
+    "cache": Command("vfmtune.commands.cache:cache", "cache", "list (or clear) cached embeddings, weights, splits",
+                     "vfmtune cache [clear=embeddings]"),
 }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vfmtune.cache import cache_dir
+from vfmtune.cache_dir import cache_dir
 from vfmtune.config import Config, ConfigError, DataConfig
 from vfmtune.data.images import IMG_EXTENSIONS, DataError, scan_images
 from vfmtune.data.mask_scan import scan_masks

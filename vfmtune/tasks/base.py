@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from vfmtune.config import Config
 from vfmtune.data.prepare import Prepared, prepare_data, sample_table
+from vfmtune.faults import fault_point
 from vfmtune.metrics import MetricSpec
 
 
@@ -118,6 +119,10 @@ class TaskModule(L.LightningModule):
             if isinstance(value, (int, float)):
                 self.log(key, value, prog_bar=key == f"{prefix}/{self.metric_spec.headline}")
         self.eval_results[prefix] = flat
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        fault_point("train_batch")
 
     @override
     def on_train_epoch_start(self) -> None:

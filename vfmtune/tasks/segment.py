@@ -34,6 +34,7 @@ from vfmtune.data.paired import SegmentationDataset, build_paired_transforms, im
 from vfmtune.data.prepare import Prepared, prepare_masks
 from vfmtune.device import compute_device
 from vfmtune.embedding_cache import embed_images
+from vfmtune.faults import fault_point
 from vfmtune.inference import eval_loader
 from vfmtune.io import atomic_path
 from vfmtune.metrics import MaskMetrics
@@ -166,23 +167,28 @@ class SegmentTask(Task):
 
     def predict(self, model: nn.Module, paths: Sequence[str], config: Any, out: Path) -> dict[str, Any]:
         """One palette PNG of class ids per image in `out/masks/` (`overlay=true`: a colour overlay in
-        `out/overlays/`) and `predictions.csv` (image, mask file, each class's share of pixels)."""
+        `out/overlays/`) and `predictions.csv` (image, mask file, each class's share of pixels). Masks a
+        killed run into the same folder already wrote are kept, so a rerun completes the set."""
         normalise = normalise_transform(data_config(model.backbone, model.config.backbone.img_size))
         model = model.eval().to(compute_device(config))
         palette = voc_palette().reshape(-1).tolist()
         rows = []
         for p in paths:
-            image = load_image(p)
-            with torch.inference_mode():
-                ids = model.predict_image(normalise(image)[None].to(model.device))[0].argmax(0).cpu().numpy().astype(np.uint8)
             target = out / "masks" / f"{Path(p).stem}.png"
-            with atomic_path(target) as tmp:
-                png = Image.fromarray(ids, mode="P")
-                png.putpalette(palette)
-                png.save(tmp, format="PNG")
-            if getattr(config, "overlay", False):
-                with atomic_path(out / "overlays" / f"{Path(p).stem}.png") as tmp:
-                    Image.fromarray(overlay(np.asarray(image), ids)).save(tmp, format="PNG")
+            if target.is_file():  # written by an earlier, interrupted run into this folder (files are atomic)
+                ids = np.asarray(Image.open(target))
+            else:
+                image = load_image(p)
+                with torch.inference_mode():
+                    ids = model.predict_image(normalise(image)[None].to(model.device))[0].argmax(0).cpu().numpy().astype(np.uint8)
+                with atomic_path(target) as tmp:
+                    png = Image.frombytes("P", ids.shape[::-1], ids.tobytes())
+                    png.putpalette(palette)
+                    png.save(tmp, format="PNG")
+                if getattr(config, "overlay", False):
+                    with atomic_path(out / "overlays" / f"{Path(p).stem}.png") as tmp:
+                        Image.fromarray(overlay(np.asarray(image), ids)).save(tmp, format="PNG")
+                fault_point("predict_image")
             share = np.bincount(ids.reshape(-1), minlength=len(model.classes)) / ids.size
             rows.append([p, str(target), *(f"{v:.6f}" for v in share)])
         csv_path = out / "predictions.csv"
