@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load lazily below
     from vfmtune.backbones import ALIASES, create_backbone
+    from vfmtune.commands.adapt import adapt_model
     from vfmtune.commands.cache import cache
     from vfmtune.commands.cv import cv
     from vfmtune.commands.distill import distill
@@ -25,12 +26,14 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from vfmtune.commands.merge import export_merged
     from vfmtune.commands.predict import predict
     from vfmtune.commands.pseudo_label import pseudo_label
+    from vfmtune.commands.shift import shift
     from vfmtune.commands.train import train
     from vfmtune.config import Config, ConfigError, load_config
     from vfmtune.loading import load_model
 
 _PUBLIC = {
     "ALIASES": "vfmtune.backbones",
+    "adapt_model": "vfmtune.commands.adapt",
     "Config": "vfmtune.config",
     "ConfigError": "vfmtune.config",
     "cache": "vfmtune.commands.cache",
@@ -45,11 +48,28 @@ _PUBLIC = {
     "load_model": "vfmtune.loading",
     "predict": "vfmtune.commands.predict",
     "pseudo_label": "vfmtune.commands.pseudo_label",
+    "shift": "vfmtune.commands.shift",
     "train": "vfmtune.commands.train",
 }
 __all__ = [
-    "ALIASES", "Config", "ConfigError", "cache", "create_backbone", "cv", "distill", "embed", "evaluate", "export", "export_merged",
-    "load_config", "load_model", "predict", "pseudo_label", "train",
+    "ALIASES",
+    "Config",
+    "ConfigError",
+    "adapt_model",
+    "cache",
+    "create_backbone",
+    "cv",
+    "distill",
+    "embed",
+    "evaluate",
+    "export",
+    "export_merged",
+    "load_config",
+    "load_model",
+    "predict",
+    "pseudo_label",
+    "shift",
+    "train",
 ]
 __version__ = "0.1.0"
 

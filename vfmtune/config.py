@@ -110,6 +110,15 @@ class ResampleMethod(Choice):
     smote_tomek = "smote_tomek"
 
 
+class AdaptMethod(Choice):
+    none = "none"
+    coral = "coral"  # align feature covariances of source and target batches while training (Sun & Saenko 2016)
+    dann = "dann"  # a domain classifier behind gradient reversal while training (Ganin et al. 2016)
+    self_training = "self_training"  # rounds of training on the source + confident, class-balanced pseudo-labels
+    adabn = "adabn"  # BatchNorm statistics re-estimated on target images (Li et al. 2016); vfmtune adapt
+    tent = "tent"  # entropy minimised on target images through the norm layers' affine parameters (Wang et al. 2021)
+
+
 class LoggerName(Choice):
     csv = "csv"
     tensorboard = "tensorboard"
@@ -179,6 +188,10 @@ class DataConfig:
     on_bad_image: OnBadImage = OnBadImage.error
     # distill: a folder (or pseudo-label CSV) of unlabelled images the teacher labels; training split only
     unlabeled: str | None = None
+    # domain adaptation: unlabelled images of the new camera / site (training only; never val/test images),
+    # and labelled ones (an ImageFolder of the same classes) scored as target/<metric> next to the test split
+    target: str | None = None
+    target_test: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     sampler: SamplerName = SamplerName.shuffle  # balanced: class-balanced sampling with replacement
     # With a frozen backbone, balanced sampling would repeat identical cached embeddings; true runs
@@ -310,6 +323,20 @@ class SegmentConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """Domain adaptation to unlabelled target images (`data.target`): during training (coral, dann,
+    self_training with `vfmtune train`) or on a trained model (adabn, tent with `vfmtune adapt`)."""
+
+    method: AdaptMethod = AdaptMethod.none
+    weight: float = 1.0  # coral / dann: weight of the alignment loss next to the task loss
+    threshold: float = 0.9  # self_training: least teacher confidence of a pseudo-label
+    per_class: int | None = None  # self_training: at most this many pseudo-labels per class (None: the rarest class's count)
+    rounds: int = 2  # self_training: pseudo-label -> retrain rounds after the source-only model
+    steps: int = 1  # tent: passes over the target images
+    lr: float = 1e-4  # tent: learning rate of the norm layers' affine parameters
+
+
+@dataclass
 class Config:
     """A training run: what `vfmtune train` composes from `conf/config.yaml` plus overrides, and the
     base every other command's schema extends."""
@@ -324,6 +351,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     resample: ResampleConfig = field(default_factory=ResampleConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     trainer: dict[str, Any] = field(default_factory=_default_trainer)  # lightning.Trainer kwargs
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     callbacks: list[Any] = field(default_factory=list)  # extra allow-listed `_target_` callbacks
@@ -441,6 +469,18 @@ class CacheCommand(Config):
     clear: str | None = None
 
 
+@dataclass
+class ShiftCommand(Config):
+    """`vfmtune shift ckpt=RUN target=DIR`."""
+
+    target: str | None = None  # images of the new camera / site; an ImageFolder of the model's classes is also scored
+
+
+@dataclass
+class AdaptCommand(Config):
+    """`vfmtune adapt ckpt=RUN data.target=DIR adapt.method=adabn|tent`."""
+
+
 # Hydra option of the `command` config group -> schema. `conf/config.yaml` starts from `command: train`;
 # the CLI selects `command=<name>` for the others.
 SCHEMAS: dict[str, type[Config]] = {
@@ -454,6 +494,8 @@ SCHEMAS: dict[str, type[Config]] = {
     "export": ExportCommand,
     "merge": MergeCommand,
     "cache": CacheCommand,
+    "shift": ShiftCommand,
+    "adapt": AdaptCommand,
 }
 
 

@@ -35,14 +35,9 @@ from vfmtune.data.datamodule import ImageDataset
 from vfmtune.data.transforms import build_transforms
 from vfmtune.device import compute_device
 from vfmtune.faults import fault_point
-from vfmtune.io import atomic_path, write_json
+from vfmtune.io import atomic_path, file_digest, write_json
 
 CACHE_VERSION = 1
-
-
-def file_digest(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
 
 
 def weights_digest(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:

@@ -17,12 +17,14 @@ import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from vfmtune.checkpoint import resolve_checkpoint
-from vfmtune.config import Config, safe_instantiate
-from vfmtune.data.prepare import Prepared, require_splits
+from vfmtune.config import Config, ConfigError, safe_instantiate
+from vfmtune.data.prepare import Prepared, align_classes, require_splits
+from vfmtune.data.sources import from_imagefolder
+from vfmtune.inference import score
 from vfmtune.io import write_json
 from vfmtune.memory import PeakMemory
 from vfmtune.rng import RNGState
-from vfmtune.run import build_trainer
+from vfmtune.run import build_trainer, quiet
 from vfmtune.tasks.base import Task
 
 
@@ -68,12 +70,26 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
         if split in prepared.splits:
             run(model, datamodule=data, ckpt_path=best, verbose=False)
             metrics.update(model.eval_results[split])
+    if config.data.target_test:
+        metrics.update(score_target(task, model, config))
     metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2),
                     **memory.figures, **setup.figures})
     result: dict[str, Any] = {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
     if trainer.is_global_zero:
         result.update(task.after_fit(model, out, prepared))
-        task.report(metrics, prepared.table.classes, out, [s for s in ("val", "test") if s in prepared.splits])
+        prefixes = [s for s in ("val", "test") if s in prepared.splits] + (["target"] if config.data.target_test else [])
+        task.report(metrics, prepared.table.classes, out, prefixes)
         write_json(out / "metrics.json", metrics)
         print(f"run directory: {out}")
     return result
+
+
+def score_target(task: Task, model: L.LightningModule, config: Config) -> dict[str, Any]:
+    """Metrics on `data.target_test` (labelled images of the target domain, an ImageFolder of the model's
+    classes), keyed `target/<metric>`: the run's report shows source (test) and target side by side."""
+    if task.target != "class":
+        raise ConfigError(f"data.target_test scores classifiers; task={task.name} reads its target test set with evaluate.")
+    table = align_classes(Prepared(from_imagefolder(config.data.target_test), []), model.classes).table
+    target = Prepared(table, ["test"] * len(table))
+    module, batches = task.evaluation(quiet(config), model.eval(), target, "test")
+    return score(module, batches, task.metrics, model.classes, "target", config)

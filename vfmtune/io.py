@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -107,6 +108,15 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_digest(path: str | os.PathLike[str]) -> bytes:
+    """sha256 of a file's bytes (content identity: renamed files match, edited ones do not)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.digest()
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -214,3 +214,28 @@ def segmentation_report(metrics: dict[str, Any], classes: Sequence[str], run_dir
     for prefix in prefixes:
         if f"{prefix}/miou" in metrics:
             print(mask_results_table(metrics, classes, prefix))
+
+
+def plot_shift(source_2d: np.ndarray, target_2d: np.ndarray, source_conf: np.ndarray, target_conf: np.ndarray,
+               metrics: dict[str, Any], folder: Path) -> None:
+    """`shift_map.png`: both domains on the first two principal components of their embeddings;
+    `shift_confidence.png`: the model's confidence on each domain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter(*source_2d.T, s=6, alpha=0.5, label=f"training images (n={len(source_2d)})")
+    ax.scatter(*target_2d.T, s=6, alpha=0.5, label=f"target images (n={len(target_2d)})")
+    ax.set_title(f"embeddings, PCA: domain classifier AUC {metrics['domain_auc']:.3f}, MMD² {metrics['mmd2']:.4f}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "shift_map.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(0, 1, 21)
+    ax.hist(source_conf, bins=bins, alpha=0.6, density=True, label="training images")
+    ax.hist(target_conf, bins=bins, alpha=0.6, density=True, label="target images")
+    ax.set_xlabel("confidence (max class probability)")
+    ax.set_title(f"mean confidence {metrics['source/confidence']:.3f} -> {metrics['target/confidence']:.3f}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "shift_confidence.png", dpi=120)
+    plt.close(fig)

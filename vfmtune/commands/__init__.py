@@ -36,6 +36,10 @@ COMMANDS: dict[str, Command] = {
                             "vfmtune pseudo-label teacher=RUN_DIR images=DIR pseudo_label.threshold=0.9"),
     "export": Command("vfmtune.commands.export:export", "export", "verified ONNX/TorchScript bundle",
                       "vfmtune export ckpt=RUN_DIR format=onnx quantize=int8"),
+    "shift": Command("vfmtune.commands.shift:shift", "shift", "measure domain shift to new images",
+                     "vfmtune shift ckpt=RUN_DIR target=/path/to/new/images"),
+    "adapt": Command("vfmtune.commands.adapt:adapt_model", "adapt", "adapt a trained model to new images (adabn, tent)",
+                     "vfmtune adapt ckpt=RUN_DIR data.target=DIR adapt.method=adabn"),
     "cache": Command("vfmtune.commands.cache:cache", "cache", "list (or clear) cached embeddings, weights, splits",
                      "vfmtune cache [clear=embeddings]"),
 }

@@ -9,7 +9,7 @@ from typing import Any
 
 from vfmtune.config import Config, ConfigError, EvaluateCommand, SplitName
 from vfmtune.data.images import DataError
-from vfmtune.data.prepare import Prepared
+from vfmtune.data.prepare import align_classes
 from vfmtune.inference import score
 from vfmtune.io import write_json
 from vfmtune.loading import load_model, model_task
@@ -48,24 +48,3 @@ def trained_run_config(trained: Config, config: Config, overrides: Sequence[str]
     """The config a trained model ran with, plus this command's `data.*` overrides, cache, trainer and seed."""
     run_cfg = with_overrides(trained, overrides, "data", type(trained))
     return quiet(dataclasses.replace(run_cfg, cache_dir=config.cache_dir, trainer=config.trainer))
-
-
-def align_classes(prepared: Prepared, classes: Sequence[str]) -> Prepared:
-    """Re-index the data's labels to the model's classes (new data may hold a subset of them); mask
-    values are class ids already, so masks only need to stay within the model's classes."""
-    table = prepared.table
-    if table.classes == list(classes):
-        return prepared
-    if table.masks is not None:
-        if len(table.classes) > len(classes):
-            raise DataError(f"The masks hold class ids up to {len(table.classes) - 1} but the checkpoint knows "
-                            f"{len(classes)} classes {list(classes)}.")
-        table.classes = list(classes)
-        return prepared
-    unknown = sorted(set(table.classes) - set(classes))
-    if unknown:
-        raise DataError(f"Classes {unknown} are not among the checkpoint's classes {list(classes)}.")
-    index = {c: list(classes).index(c) for c in table.classes}
-    table.labels = [index[table.classes[y]] for y in table.labels]
-    table.classes = list(classes)
-    return prepared

@@ -8,9 +8,10 @@ from typing import Any
 
 import lightning as L
 
-from vfmtune.config import Config, ConfigError
+from vfmtune.config import AdaptMethod, Config, ConfigError
 from vfmtune.fit import fit
 from vfmtune.run import ConfigLike, command_config, start_run
+from vfmtune.self_training import self_train
 from vfmtune.tasks import get_task
 
 
@@ -44,6 +45,12 @@ def train(
     task = get_task(config.task)
     if task.command != "train":
         raise ConfigError(f"task={task.name} is trained by `vfmtune {task.command}`, not `vfmtune train`.")
+    if config.adapt.method in (AdaptMethod.adabn, AdaptMethod.tent):
+        raise ConfigError(f"adapt.method={config.adapt.method} adapts a trained model: "
+                          f"vfmtune adapt ckpt=RUN data.target=DIR adapt.method={config.adapt.method}.")
     out = start_run(config, run_dir, "train")
     L.seed_everything(config.seed, workers=True, verbose=False)
-    return fit(task, config, task.prepare(config, out), out, callbacks)
+    prepared = task.prepare(config, out)
+    if config.adapt.method == AdaptMethod.self_training:
+        return self_train(task, config, prepared, out, callbacks)
+    return fit(task, config, prepared, out, callbacks)

@@ -36,6 +36,9 @@ class SplitData(L.LightningDataModule):
         num_workers: loader worker processes (0 for in-memory embeddings).
         train_sampler: optional sampler for the training split (e.g. class-balanced).
         eval_batch_size: for val / test / predict when it must differ (1: images of different sizes).
+
+    A "target" dataset (unlabelled images of another domain) is cycled next to the training split:
+    training batches are then `{"source": (x, y), "target": (x_t, _)}`.
     """
 
     def __init__(
@@ -58,15 +61,17 @@ class SplitData(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train or self.eval_batch_size is None else self.eval_batch_size,
-            shuffle=train and self.train_sampler is None,
-            sampler=self.train_sampler if train else None,
+            shuffle=train and (self.train_sampler is None or split != "train"),
+            sampler=self.train_sampler if train and split == "train" else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             # A last batch of one breaks BatchNorm in the head; dropping it costs < 1 batch per epoch.
             drop_last=train and len(dataset) > self.batch_size,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
+        if "target" in self.datasets:  # Lightning cycles the shorter loader ("max_size_cycle")
+            return {"source": self._loader("train", train=True), "target": self._loader("target", train=True)}
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from vfmtune.data.mask_sources import SegmentationTable, class_names
 from vfmtune.data.mask_splits import resolve_mask_splits
 from vfmtune.data.sources import SPLIT_NAMES, SampleTable, from_imagefolder, from_manifest, is_teacher_labelled, packaged_dataset
 from vfmtune.data.splits import resolve_splits, save_splits
+from vfmtune.io import file_digest
 from vfmtune.report import split_summary
 
 
@@ -163,7 +165,54 @@ def list_images(images: str) -> list[str]:
     return paths
 
 
+def training_only_images(source: str, held_out: Sequence[str], data: DataConfig, key: str, why: str) -> list[str]:
+    """Images of `source` (a folder, or a CSV with a `path` column such as a pseudo-label manifest),
+    scanned, and refused (by content, so renamed copies count) if any is also in `held_out`.
+
+    Args:
+        source: the folder or CSV.
+        held_out: images that must stay out of training (validation, test).
+        data: the data section (`on_bad_image`, workers).
+        key: the config key named in errors, e.g. "data.unlabeled".
+        why: why those images may only be trained on, for the error message.
+    """
+    src = Path(source).expanduser()
+    if src.suffix.lower() == ".csv" and src.is_file():
+        with open(src, newline="", encoding="utf-8-sig") as f:
+            paths = [str((src.parent / row["path"]).resolve()) for row in csv.DictReader(f)]
+    else:
+        paths = list_images(source)
+    paths = [p for p, good in zip(paths, scan_or_skip(paths, data)) if good]
+    held = {file_digest(p) for p in held_out}
+    leaked = [p for p in paths if file_digest(p) in held]
+    if leaked:
+        raise DataError(f"{key}={source}: {len(leaked)} image(s) are also validation/test images (e.g. {leaked[0]}). "
+                        f"{why} Fix: remove them from {source}.")
+    return paths
+
+
 def readable_images(images: str, data: DataConfig) -> list[str]:
     """`list_images`, then scanned: bad files stop the command or are skipped and counted (`data.on_bad_image`)."""
     paths = list_images(images)
     return [p for p, good in zip(paths, scan_or_skip(paths, data)) if good]
+
+
+def align_classes(prepared: Prepared, classes: Sequence[str]) -> Prepared:
+    """Re-index the data's labels to the model's classes (new data may hold a subset of them); mask
+    values are class ids already, so masks only need to stay within the model's classes."""
+    table = prepared.table
+    if table.classes == list(classes):
+        return prepared
+    if table.masks is not None:
+        if len(table.classes) > len(classes):
+            raise DataError(f"The masks hold class ids up to {len(table.classes) - 1} but the checkpoint knows "
+                            f"{len(classes)} classes {list(classes)}.")
+        table.classes = list(classes)
+        return prepared
+    unknown = sorted(set(table.classes) - set(classes))
+    if unknown:
+        raise DataError(f"Classes {unknown} are not among the checkpoint's classes {list(classes)}.")
+    index = {c: list(classes).index(c) for c in table.classes}
+    table.labels = [index[table.classes[y]] for y in table.labels]
+    table.classes = list(classes)
+    return prepared

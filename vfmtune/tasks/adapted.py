@@ -65,5 +65,8 @@ class AdaptedModule(TaskModule):
     @override
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig | torch.optim.Optimizer:
         o = self.config.optim
-        optimizer = build_optimizer(weight_decay_groups(self.head, o.lr, o.weight_decay) + self.backbone_param_groups(), o)
+        groups = weight_decay_groups(self.head, o.lr, o.weight_decay) + self.backbone_param_groups()
+        if getattr(self, "domain", None) is not None:  # DANN's domain classifier learns at the head's lr
+            groups += weight_decay_groups(self.domain, o.lr, o.weight_decay)
+        optimizer = build_optimizer(groups, o)
         return build_schedule(optimizer, self.config.sched, self, groups_join=self.progressive)

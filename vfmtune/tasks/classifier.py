@@ -10,7 +10,8 @@ from torch import nn
 from typing_extensions import override
 
 from vfmtune.adapt.backbone import adapted_backbone
-from vfmtune.config import Config, HeadConfig, HeadType, to_container, typed
+from vfmtune.adapt.domain import DomainClassifier, coral_loss
+from vfmtune.config import AdaptMethod, Config, HeadConfig, HeadType, to_container, typed
 from vfmtune.losses import build_loss
 from vfmtune.metrics import ClassMetrics
 from vfmtune.tasks.adapted import AdaptedModule
@@ -64,6 +65,8 @@ class Classifier(AdaptedModule):
         self.loss_fn = build_loss(config.loss, counts or [1] * len(classes))
         # True when batches hold cached backbone embeddings [B, D] instead of images [B, 3, H, W].
         self.embeddings_input = False
+        method = config.adapt.method
+        self.domain = DomainClassifier(self.backbone.num_features) if method == AdaptMethod.dann else None
         self.init_eval(ClassMetrics(), classes)
 
     @override
@@ -75,10 +78,29 @@ class Classifier(AdaptedModule):
         return self.head(inputs) if self.embeddings_input else self(inputs)
 
     @override
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if isinstance(batch, dict):  # source batch + unlabelled target batch: feature alignment
+            return self._aligned_step(batch)
         x, y = batch
         loss = self.loss_fn(self.logits(x), y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        return loss
+
+    def _aligned_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Task loss on the source batch + `adapt.weight` x CORAL or DANN loss between both batches' features."""
+        (x, y), (xt, _) = batch["source"], batch["target"]
+        features = self.backbone(torch.cat([x, xt]))
+        fs, ft = features[: len(x)], features[len(x) :]
+        task = self.loss_fn(self.head(fs), y)
+        if self.domain is not None:
+            self.domain.progress = self.global_step / max(int(self.trainer.estimated_stepping_batches), 1)
+            align = self.domain.loss(fs, ft)
+        else:
+            align = coral_loss(fs, ft)
+        loss = task + self.config.adapt.weight * align
+        for name, value in (("loss", loss), ("task", task), ("align", align)):
+            self.log(f"train/{name}", value, on_step=name == "loss", on_epoch=True, prog_bar=name == "loss", batch_size=len(y),
+                     sync_dist=True)
         return loss
 
     @override

@@ -8,6 +8,7 @@ fold ensemble. Anything that trains the backbone (or unfreezes it later) sees im
 from __future__ import annotations
 
 import csv
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,9 @@ from vfmtune.adapt.head_init import init_head_from
 from vfmtune.adapt.lora import load_adapter, read_adapter_meta, save_adapter
 from vfmtune.adapt.progressive import progressive_callback
 from vfmtune.backbones import data_config
-from vfmtune.config import AugmentConfig, Config, FinetuneMode, ResampleMethod, to_container, typed
+from vfmtune.config import AdaptMethod, AugmentConfig, Config, ConfigError, FinetuneMode, ResampleMethod, to_container, typed
 from vfmtune.data.datamodule import ImageDataset, SplitData
-from vfmtune.data.prepare import Prepared, train_class_counts
+from vfmtune.data.prepare import Prepared, list_images, train_class_counts, training_only_images
 from vfmtune.data.transforms import build_transforms
 from vfmtune.embedding_cache import embed_images
 from vfmtune.inference import eval_loader, run_inference
@@ -54,6 +55,40 @@ def class_inputs(config: Config, model: nn.Module, prepared: Prepared, splits: S
         return out
     train_tf, eval_tf = build_transforms(data_config(model.backbone, config.backbone.img_size), config.data.augment)
     return {split: ImageDataset(*prepared.subset(split), train_tf if split == "train" else eval_tf) for split in splits}
+
+
+def target_images(config: Config, model: Classifier, prepared: Prepared, cached: bool) -> Dataset:
+    """The unlabelled target images (`data.target`) that CORAL / DANN align with, augmented like the
+    training images; refused when a validation or test image is among them."""
+    method = config.adapt.method
+    if not config.data.target:
+        raise ConfigError(f"adapt.method={method} aligns features with unlabelled target images: set data.target=DIR.")
+    if cached or not any(p.requires_grad for p in model.backbone.parameters()):
+        raise ConfigError(f"adapt.method={method} moves the backbone's features; a frozen backbone has none to move. "
+                          "Fix: finetune=lora, last_blocks or full.")
+    paths = target_pool(config, prepared)
+    print(f"{len(paths)} unlabelled target images for adapt.method={method}")
+    train_tf, _ = build_transforms(data_config(model.backbone, config.backbone.img_size), config.data.augment)
+    return ImageDataset(paths, [-1] * len(paths), train_tf)
+
+
+def target_pool(config: Config, prepared: Prepared) -> list[str]:
+    """`data.target`'s images, refused when one is also a validation, test or `data.target_test` image."""
+    held = [p for s in ("val", "test") for p in prepared.subset(s)[0]]
+    if config.data.target_test:
+        held += list_images(config.data.target_test)
+    return training_only_images(str(config.data.target), held, config.data, "data.target",
+                                "Target images adapt the model; scoring it on them would flatter it.")
+
+
+def class_probabilities(model: nn.Module, paths: Sequence[str], config: Config) -> torch.Tensor:
+    """Class probabilities `[N, C]` of a classifier on images: a frozen backbone's embeddings come
+    from the cache (computed once across self-training rounds), other models run on the images."""
+    if isinstance(model, Classifier) and uses_cache(model.config, model) and model.config.finetune.mode == FinetuneMode.frozen:
+        feats = embed_images(dataclasses.replace(config, backbone=model.config.backbone), model.backbone, paths)
+        with torch.inference_mode():
+            return model.head.eval()(feats).softmax(-1)
+    return run_inference(model, ImageDataset(paths, [0] * len(paths), eval_transform(model)), config).softmax(-1)
 
 
 def eval_transform(model: nn.Module) -> Any:
@@ -104,6 +139,8 @@ class ClassifyTask(Task):
         if config.resample.method != ResampleMethod.none:
             x, y = datasets["train"].tensors
             datasets["train"] = TensorDataset(*resample_embeddings(x, y, config.resample, classes, config.seed))
+        if config.adapt.method in (AdaptMethod.coral, AdaptMethod.dann):
+            datasets["target"] = target_images(config, model, prepared, cached)
         train_labels = datasets["train"].tensors[1].tolist() if cached else prepared.labels("train")
         data = SplitData(datasets, batch_size=config.data.batch_size, num_workers=0 if cached else config.data.num_workers,
                          train_sampler=build_sampler(config.data.sampler, train_labels, config.seed))

@@ -8,7 +8,6 @@ predicted with and exported like a classifier, on images at its own input size.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,10 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from vfmtune.config import AugmentConfig, DistillCommand, typed
 from vfmtune.data.datamodule import ImageDataset, SplitData
-from vfmtune.data.images import DataError
-from vfmtune.data.prepare import Prepared, list_images, scan_or_skip
+from vfmtune.data.prepare import Prepared, training_only_images
 from vfmtune.data.transforms import build_transforms
-from vfmtune.embedding_cache import embed_images, file_digest
+from vfmtune.embedding_cache import embed_images
 from vfmtune.inference import eval_loader
 from vfmtune.metrics import ClassMetrics
 from vfmtune.report import classification_report
@@ -45,25 +43,6 @@ class TeacherTargets(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         x, y = self.images[i]
         return x, y, self.embeddings[i]
-
-
-def unlabelled_paths(config: DistillCommand, held_out: Sequence[str]) -> list[str]:
-    """Images of `data.unlabeled` (a folder, or a pseudo-label CSV's paths), refused if any is a val/test image."""
-    source = str(config.data.unlabeled)
-    src = Path(source).expanduser()
-    if src.suffix.lower() == ".csv" and src.is_file():
-        with open(src, newline="", encoding="utf-8-sig") as f:
-            paths = [str((src.parent / row["path"]).resolve()) for row in csv.DictReader(f)]
-    else:
-        paths = list_images(source)
-    paths = [p for p, good in zip(paths, scan_or_skip(paths, config.data)) if good]
-    held = {file_digest(p): p for p in held_out}
-    leaked = [p for p in paths if file_digest(p) in held]
-    if leaked:
-        raise DataError(f"data.unlabeled={source}: {len(leaked)} image(s) are also validation/test images "
-                        f"(e.g. {leaked[0]}). Teacher-labelled images may only be trained on; evaluation stays on "
-                        "human-labelled data. Fix: remove them from the unlabelled folder.")
-    return paths
 
 
 def student_transform(model: Distiller) -> Any:
@@ -91,7 +70,8 @@ class DistillTask(Task):
         train_paths, train_labels = prepared.subset("train")
         if d.unlabeled:
             held = [p for s in ("val", "test") for p in prepared.subset(s)[0]]
-            extra = unlabelled_paths(config, held)
+            extra = training_only_images(d.unlabeled, held, d, "data.unlabeled",
+                                         "Teacher-labelled images may only be trained on; evaluation stays on human-labelled data.")
             print(f"{len(extra)} unlabelled images added to training (teacher soft targets only)")
             train_paths, train_labels = train_paths + extra, train_labels + [UNLABELED] * len(extra)
         datasets: dict[str, Dataset] = {s: ImageDataset(*prepared.subset(s), eval_tf) for s in ("val", "test") if s in prepared.splits}

@@ -1,0 +1,82 @@
+"""`vfmtune adapt ckpt=RUN data.target=DIR adapt.method=adabn|tent`: a trained model adapted to a new
+camera or site with its unlabelled images, scored on the source test split and (`data.target_test`)
+on labelled target images, before and after, side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vfmtune.adapt.domain import adapt_batchnorm, tent
+from vfmtune.checkpoint import load_checkpoint, resolve_checkpoint
+from vfmtune.commands.evaluate import trained_run_config
+from vfmtune.config import AdaptCommand, AdaptMethod, ConfigError
+from vfmtune.data.datamodule import ImageDataset
+from vfmtune.device import compute_device
+from vfmtune.fit import score_target
+from vfmtune.inference import eval_loader, score
+from vfmtune.io import torch_save, write_json
+from vfmtune.loading import load_model, model_task
+from vfmtune.run import ConfigLike, command_config, make_run_dir
+from vfmtune.tasks import get_task
+from vfmtune.tasks.classify import eval_transform, target_pool
+from vfmtune.tasks.distill import student_transform
+
+
+def _inputs(model: Any, paths: Sequence[str], config: Any) -> Any:
+    transform = student_transform(model) if model_task(model) == "distill" else eval_transform(model)
+    return [x for x, _ in eval_loader(ImageDataset(paths, [0] * len(paths), transform), config)]
+
+
+def adapt_model(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dict[str, Any]:
+    """AdaBN (BatchNorm statistics of the target images) or TENT (entropy minimisation through the norm
+    layers' affine parameters) on a trained classifier or distilled student; writes `checkpoints/best.ckpt`
+    (loads like any checkpoint) and metrics.json with `before/...` and after (`test/...`, `target/...`).
+
+    Example:
+        >>> vfmtune.adapt_model(overrides=["ckpt=runs/lite0", "data.target=/data/camera2", "adapt.method=adabn",
+        ...                          "data.target_test=/data/camera2_labelled"])["metrics"]["target/macro_f1"]
+    """
+    config = command_config(cfg, overrides, AdaptCommand, "adapt")
+    method = config.adapt.method
+    if not config.ckpt or not config.data.target or method not in (AdaptMethod.adabn, AdaptMethod.tent):
+        raise ConfigError("adapt needs ckpt=RUN, data.target=DIR (unlabelled target images) and adapt.method=adabn|tent "
+                          "(coral, dann and self_training adapt while training: vfmtune train data.target=DIR adapt.method=...).")
+    out = make_run_dir(run_dir, "adapt")
+    model = load_model(config.ckpt)
+    task = get_task(model_task(model))
+    if task.target != "class":
+        raise ConfigError(f"adapt supports classifiers and distilled students, not task={task.name}.")
+    run_cfg = trained_run_config(model.config, config, overrides)
+    run_cfg = dataclasses.replace(run_cfg, data=dataclasses.replace(run_cfg.data, target=config.data.target,
+                                                                    target_test=config.data.target_test), adapt=config.adapt)
+    prepared = task.prepare(run_cfg, out)
+    module, batches = task.evaluation(run_cfg, model, prepared, "test")
+    metrics: dict[str, Any] = {f"before/{k}": v for k, v in score(module, batches, task.metrics, model.classes, "test", run_cfg).items()}
+    if config.data.target_test:
+        metrics.update({f"before/{k}": v for k, v in score_target(task, model, run_cfg).items()})
+    pool = target_pool(run_cfg, prepared)
+    inference, _ = task.inference(model) if task.name == "distill" else (model, None)
+    device = compute_device(run_cfg)
+    if method == AdaptMethod.adabn:
+        moved = adapt_batchnorm(inference, _inputs(model, pool, run_cfg), device)
+        if not moved:
+            raise ConfigError(f"ckpt={config.ckpt} has no BatchNorm layer: AdaBN has nothing to re-estimate (try adapt.method=tent).")
+        print(f"AdaBN: {moved} BatchNorm layers re-estimated on {len(pool)} target images")
+    else:
+        n = tent(inference, _inputs(model, pool, run_cfg), config.adapt.steps, config.adapt.lr, device)
+        print(f"TENT: {n:,} norm-layer parameters adapted on {len(pool)} target images ({config.adapt.steps} passes)")
+    model = model.cpu().eval()
+    module, batches = task.evaluation(run_cfg, model, prepared, "test")
+    metrics.update(score(module, batches, task.metrics, model.classes, "test", run_cfg))
+    if config.data.target_test:
+        metrics.update(score_target(task, model, run_cfg))
+    checkpoint = load_checkpoint(resolve_checkpoint(config.ckpt))
+    hp = {**checkpoint["hyper_parameters"], "adapted": {"method": str(method), "target": str(config.data.target), "images": len(pool)}}
+    torch_save({"state_dict": model.state_dict(), "hyper_parameters": hp}, out / "checkpoints" / "best.ckpt")
+    task.report(metrics, model.classes, out, ["test", *(["target"] if config.data.target_test else [])])
+    write_json(out / "metrics.json", {**metrics, "method": str(method), "source_checkpoint": str(config.ckpt)})
+    print(f"run directory: {out}")
+    return {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(out / "checkpoints" / "best.ckpt")}
