@@ -12,22 +12,34 @@ from typing import Any
 from vfmtune.adapt.domain import adapt_batchnorm, tent
 from vfmtune.checkpoint import load_checkpoint, resolve_checkpoint
 from vfmtune.commands.evaluate import trained_run_config
-from vfmtune.config import AdaptCommand, AdaptMethod, ConfigError
+from vfmtune.config import AdaptCommand, AdaptMethod, ConfigError, FinetuneMode
 from vfmtune.data.datamodule import ImageDataset
 from vfmtune.device import compute_device
+from vfmtune.embedding_cache import embed_images
 from vfmtune.fit import score_target
 from vfmtune.inference import eval_loader, score
 from vfmtune.io import torch_save, write_json
 from vfmtune.loading import load_model, model_task
 from vfmtune.run import ConfigLike, command_config, make_run_dir
 from vfmtune.tasks import get_task
-from vfmtune.tasks.classify import eval_transform, target_pool
+from vfmtune.tasks.classifier import Classifier
+from vfmtune.tasks.classify import eval_transform, target_pool, uses_cache
 from vfmtune.tasks.distill import student_transform
 
 
 def _inputs(model: Any, paths: Sequence[str], config: Any) -> Any:
     transform = student_transform(model) if model_task(model) == "distill" else eval_transform(model)
     return [x for x, _ in eval_loader(ImageDataset(paths, [0] * len(paths), transform), config)]
+
+
+def _module(model: Any, task: Any) -> Any:
+    """What runs on normalised images: a student's timm model, or the classifier itself."""
+    return task.inference(model)[0] if task.name == "distill" else model
+
+
+def _frozen_probe(model: Any) -> bool:
+    """A classifier whose backbone never trained: its BatchNorms are all in the head, which reads cached embeddings."""
+    return isinstance(model, Classifier) and uses_cache(model.config, model) and model.config.finetune.mode == FinetuneMode.frozen
 
 
 def adapt_model(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -58,15 +70,18 @@ def adapt_model(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_di
     if config.data.target_test:
         metrics.update({f"before/{k}": v for k, v in score_target(task, model, run_cfg).items()})
     pool = target_pool(run_cfg, prepared)
-    inference, _ = task.inference(model) if task.name == "distill" else (model, None)
     device = compute_device(run_cfg)
     if method == AdaptMethod.adabn:
-        moved = adapt_batchnorm(inference, _inputs(model, pool, run_cfg), device)
+        if _frozen_probe(model):  # its BatchNorm is the head's: re-estimated on the pool's cached embeddings
+            feats = embed_images(dataclasses.replace(run_cfg, backbone=model.config.backbone), model.backbone, pool)
+            moved = adapt_batchnorm(model.head, feats.split(run_cfg.data.batch_size), device)
+        else:
+            moved = adapt_batchnorm(_module(model, task), _inputs(model, pool, run_cfg), device)
         if not moved:
             raise ConfigError(f"ckpt={config.ckpt} has no BatchNorm layer: AdaBN has nothing to re-estimate (try adapt.method=tent).")
         print(f"AdaBN: {moved} BatchNorm layers re-estimated on {len(pool)} target images")
     else:
-        n = tent(inference, _inputs(model, pool, run_cfg), config.adapt.steps, config.adapt.lr, device)
+        n = tent(_module(model, task), _inputs(model, pool, run_cfg), config.adapt.steps, config.adapt.lr, device)
         print(f"TENT: {n:,} norm-layer parameters adapted on {len(pool)} target images ({config.adapt.steps} passes)")
     model = model.cpu().eval()
     module, batches = task.evaluation(run_cfg, model, prepared, "test")
