@@ -6,13 +6,16 @@ head-only fine-tune take an hour. Its output for a given image is fixed, so it i
 Layout: `<cache>/embeddings/<model key>/<shard>.safetensors`, each shard holding `digests`
 ([N, 32] uint8 sha256 of the image files' bytes) and `features` ([N, ...]: pooled vectors [N, D] or
 patch-token maps [N, C, h, w]). The model key hashes everything that changes the features: backbone
-name, weights identity, input size, the eval transform and what is extracted (pooled or tokens).
-Images are keyed by content, so renamed files hit the cache, edited files miss it, and adding images
-only embeds the new ones.
+name, weights identity, input size, the eval transform, what is extracted (pooled or tokens) and the
+precision the backbone ran in (`vfmtune.precision`: bf16 and fp32 features never mix). Images are
+keyed by content, so renamed files hit the cache, edited files miss it, and adding images only
+embeds the new ones. In a multi-process run (DDP) each rank embeds its share of the missing images
+into its own shard, and after a barrier every rank reads the whole cache (`Shard`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,11 +30,12 @@ from torch.utils.data import DataLoader
 
 from vfmtune.backbones import data_config
 from vfmtune.cache import cache_dir
-from vfmtune.config import AugmentConfig, Config
+from vfmtune.config import AugmentConfig, Config, Precision
 from vfmtune.data.datamodule import ImageDataset
 from vfmtune.data.transforms import build_transforms
-from vfmtune.device import compute_device
+from vfmtune.device import Shard, compute_device
 from vfmtune.io import atomic_path
+from vfmtune.precision import Resolved, resolve_precision
 
 CACHE_VERSION = 1
 
@@ -77,6 +81,16 @@ class EmbeddingCache:
                 table[digest.tobytes()] = row
         return table
 
+    def missing(self, paths: Sequence[str]) -> list[str]:
+        """The paths whose content is not cached yet, one per distinct content, in order."""
+        cached = set(self._load())
+        todo: dict[bytes, str] = {}
+        for p in paths:
+            d = file_digest(p)
+            if d not in cached:
+                todo.setdefault(d, p)
+        return list(todo.values())
+
     def _save_shard(self, digests: list[bytes], features: torch.Tensor) -> None:
         name = hashlib.sha256(b"".join(digests)).hexdigest()[:16]
         digest_t = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).view(-1, 32)
@@ -94,10 +108,12 @@ class EmbeddingCache:
         progress: bool = True,
         device: torch.device | str = "cpu",
         extract: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+        precision: Resolved | None = None,
     ) -> torch.Tensor:
         """Features [len(paths), ...] of `backbone` in eval mode: pooled vectors `backbone(x)`, or what
         `extract(backbone, x)` returns (e.g. patch tokens; its name belongs in the model key). Only cache
-        misses are computed, on `device` (the backbone goes back where it was); stored on the CPU."""
+        misses are computed, on `device` (the backbone goes back where it was), under `precision`'s
+        autocast (fp32 if None; it belongs in the model key too); stored on the CPU as float32."""
         digests = [file_digest(p) for p in paths]
         table = self._load()
         missing_unique: dict[bytes, int] = {}  # digest -> first index: duplicate files embed once
@@ -122,7 +138,9 @@ class EmbeddingCache:
                 iterator = tqdm(loader, desc=f"embedding {len(idx)} images (cached for later runs)", unit="batch")
             for images, _ in iterator:
                 x = images.to(device, non_blocking=True)
-                chunks.append((backbone(x) if extract is None else extract(backbone, x)).float().cpu())
+                with precision.autocast() if precision else contextlib.nullcontext():
+                    out = backbone(x) if extract is None else extract(backbone, x)
+                chunks.append(out.float().cpu())
             backbone.train(was_training).to(home)
             features = torch.cat(chunks)
             self._save_shard([digests[i] for i in idx], features)
@@ -138,20 +156,44 @@ def embed_images(
     extract: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     kind: str = "pooled",
     label: str = "embeddings",
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """Features of `paths` through the run's embedding cache (`<cache>/embeddings/<model key>`).
 
     The eval transform comes from the backbone's timm data config at `config.backbone.img_size`; the
-    key holds the backbone name, its actual weights, that transform and `kind` (what `extract` returns).
+    key holds the backbone name, its actual weights, that transform, `kind` (what `extract` returns)
+    and the run's precision (`config.precision`, resolved for the compute device).
+
+    Args:
+        shard: in a multi-process run, this rank's share: it embeds 1/world of the missing images,
+            waits for the others, then reads everyone's from the cache. If `cache_dir` is not shared
+            between the ranks (node-local disks), the rest is embedded here too: correct, not faster.
 
     Returns:
         `[len(paths), ...]` float32 on the CPU.
     """
     _, eval_tf = build_transforms(data_config(backbone, config.backbone.img_size), AugmentConfig(enabled=False))
-    key = model_key(config.backbone.name, weights_digest(backbone), eval_tf, None if kind == "pooled" else {"kind": kind})
+    precision = resolve_precision(config)
+    extra = {} if kind == "pooled" else {"kind": kind}
+    if precision.precision != Precision.fp32:  # fp32 keys stay as before: existing caches remain valid
+        extra["precision"] = str(precision.precision)
+    key = model_key(config.backbone.name, weights_digest(backbone), eval_tf, extra or None)
     cache = EmbeddingCache(cache_dir(config.cache_dir) / "embeddings" / key)
+    device = compute_device(config)
     t0 = time.perf_counter()
+    if shard is not None and shard.world > 1:
+        todo = cache.missing(paths)
+        mine = todo[shard.rank::shard.world]
+        cache.embed(backbone, mine, eval_tf, config.data.batch_size, config.data.num_workers, progress=shard.rank == 0,
+                    device=device, extract=extract, precision=precision)
+        print(f"rank {shard.rank}/{shard.world}: embedded {len(mine)} of {len(todo)} new images in "
+              f"{time.perf_counter() - t0:.1f}s; waiting for the other ranks")
+        shard.barrier()
+        left = len(cache.missing(paths))
+        if left:
+            print(f"rank {shard.rank}: {left} images embedded by other ranks are not in {cache.folder}: cache_dir is not "
+                  "shared between ranks, so this rank embeds them too (put cache_dir on a shared filesystem)")
     features = cache.embed(backbone, paths, eval_tf, config.data.batch_size, config.data.num_workers,
-                           device=compute_device(config), extract=extract)
-    print(f"{label} ready in {time.perf_counter() - t0:.1f}s ({cache.folder})")
+                           device=device, extract=extract, precision=precision)
+    print(f"{label} ready in {time.perf_counter() - t0:.1f}s, {precision.precision} ({cache.folder})")
     return features

@@ -1,7 +1,7 @@
 """The one place a Trainer is built and run: `train`, every `cv` fold and `distill` go through `fit`.
 
-It adds what every run needs around the task's own module and data: atomic best/last checkpoints
-(resume-safe), exact resume (optimizer, schedule, callbacks' state and RNG state), peak memory, early
+It adds what every run needs around the task's own module and data: the precision (`vfmtune.precision`),
+atomic best/last checkpoints (resume-safe), exact resume (optimizer, schedule, callbacks' state and RNG state), peak memory, early
 stopping, the configured extra callbacks, the logger, validation and test with the best weights, and
 the run report (`metrics.json`, plots, results table).
 """
@@ -21,6 +21,7 @@ from vfmtune.config import Config, safe_instantiate
 from vfmtune.data.prepare import Prepared, require_splits
 from vfmtune.io import write_json
 from vfmtune.memory import PeakMemory
+from vfmtune.precision import resolve_precision, trainer_precision
 from vfmtune.rng import RNGState
 from vfmtune.run import build_trainer
 from vfmtune.tasks.base import Task
@@ -58,7 +59,10 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
         all_callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=stop.patience, min_delta=stop.min_delta))
     all_callbacks += [safe_instantiate(c, f"callbacks[{i}]") for i, c in enumerate(config.callbacks)]
     all_callbacks += list(callbacks)
-    trainer = build_trainer(config, out, all_callbacks)
+    precision = resolve_precision(config)
+    train_precision, why = trainer_precision(config, precision, setup.backbone_runs)
+    print(f"precision: {precision}; training: {train_precision} ({why})")
+    trainer = build_trainer(config, out, all_callbacks, precision=train_precision)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=data, ckpt_path=str(resolve_checkpoint(config.ckpt)) if config.ckpt else None)
     train_seconds = time.perf_counter() - t0
@@ -69,7 +73,8 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
             run(model, datamodule=data, ckpt_path=best, verbose=False)
             metrics.update(model.eval_results[split])
     metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2),
-                    **memory.figures, **setup.figures})
+                    "precision": str(precision.precision), "precision_reason": precision.reason,
+                    "trainer_precision": train_precision, "trainer_precision_reason": why, **memory.figures, **setup.figures})
     result: dict[str, Any] = {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
     if trainer.is_global_zero:
         result.update(task.after_fit(model, out))

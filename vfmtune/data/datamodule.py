@@ -7,8 +7,13 @@ from collections.abc import Callable, Sequence
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from typing_extensions import override
 
 from vfmtune.data.images import load_image
+from vfmtune.device import Shard
+
+# Builds a run's datasets (and training sampler) for this process's share of the work, e.g. a cache pass.
+DatasetBuilder = Callable[[Shard], tuple[dict[str, Dataset], Sampler | None]]
 
 
 class ImageDataset(Dataset):
@@ -31,24 +36,35 @@ class SplitData(L.LightningDataModule):
     """Holds ready-made datasets per split; scanning and splitting happen before (`vfmtune.data.prepare`).
 
     Args:
-        datasets: "train" / "val" / "test" / "predict" -> dataset of `(input, target)`; inputs are images or cached features.
+        datasets: "train" / "val" / "test" / "predict" -> dataset of `(input, target)`; inputs are images or
+            cached features. Or a `DatasetBuilder`, called once in `setup` on every process, after Lightning
+            has started them all: in a DDP run each rank then computes its share of a cache pass (`Shard`).
         batch_size: per-process batch size.
         num_workers: loader worker processes (0 for in-memory embeddings).
-        train_sampler: optional sampler for the training split (e.g. class-balanced).
+        train_sampler: optional sampler for the training split (e.g. class-balanced); a builder returns its own.
     """
 
     def __init__(
         self,
-        datasets: dict[str, Dataset],
+        datasets: dict[str, Dataset] | DatasetBuilder,
         batch_size: int,
         num_workers: int = 0,
         train_sampler: Sampler | None = None,
     ) -> None:
         super().__init__()
-        self.datasets = datasets
+        self.build = None if isinstance(datasets, dict) else datasets
+        self.datasets: dict[str, Dataset] = datasets if isinstance(datasets, dict) else {}
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_sampler = train_sampler
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.build is not None and not self.datasets:
+            trainer = self.trainer
+            shard = Shard() if trainer is None else Shard(trainer.global_rank, trainer.world_size,
+                                                          lambda: trainer.strategy.barrier("vfmtune-datasets"))
+            self.datasets, self.train_sampler = self.build(shard)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
