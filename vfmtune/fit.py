@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from vfmtune.checkpoint import resolve_checkpoint
 from vfmtune.config import Config, safe_instantiate
 from vfmtune.data.prepare import Prepared, require_splits
+from vfmtune.device import OneThread
 from vfmtune.io import write_json
 from vfmtune.memory import PeakMemory
 from vfmtune.precision import resolve_precision, trainer_precision
@@ -53,7 +54,8 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
     best_cb = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max",
                               auto_insert_metric_name=False, enable_version_counter=False) if monitor else None
     memory = PeakMemory()
-    all_callbacks: list[L.Callback] = [*([best_cb] if best_cb else []), last_cb, RNGState(), memory, *setup.callbacks]
+    all_callbacks: list[L.Callback] = [*([best_cb] if best_cb else []), last_cb, RNGState(), memory, *setup.callbacks,
+                                       *([] if setup.backbone_runs else [OneThread()])]
     stop = config.early_stopping
     if stop.enabled and monitor:
         all_callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=stop.patience, min_delta=stop.min_delta))

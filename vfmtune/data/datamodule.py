@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from typing_extensions import override
 
 from vfmtune.data.images import load_image
@@ -30,6 +30,19 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(load_image(self.paths[i])), self.labels[i]
+
+
+class InMemoryBatches(TensorDataset):
+    """A TensorDataset whose DataLoader indexes a whole batch at once (`__getitems__`) instead of one row at a
+    time plus a collate: the same batches, without ~1 ms of Python per batch of 128 cached embeddings."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _as_is(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return batch
 
 
 class SplitData(L.LightningDataModule):
@@ -68,8 +81,10 @@ class SplitData(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
+        in_memory = isinstance(dataset, TensorDataset)
         return DataLoader(
-            dataset,
+            InMemoryBatches(*dataset.tensors) if in_memory else dataset,
+            collate_fn=_as_is if in_memory else None,
             batch_size=self.batch_size,
             shuffle=train and self.train_sampler is None,
             sampler=self.train_sampler if train else None,

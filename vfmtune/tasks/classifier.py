@@ -13,7 +13,9 @@ from typing_extensions import override
 from vfmtune.adapt.freeze import apply_finetune, is_frozen, keep_frozen_bn_eval
 from vfmtune.adapt.lora import apply_lora
 from vfmtune.backbones import create_backbone
+from vfmtune.checkpoint import FROZEN_WEIGHTS, complete_checkpoints, fill_frozen, strip_frozen
 from vfmtune.config import Config, ConfigError, FinetuneMode, HeadConfig, HeadType, to_container, typed
+from vfmtune.embedding_cache import weights_digest
 from vfmtune.losses import build_loss
 from vfmtune.metrics import ClassMetrics
 from vfmtune.optim import backbone_param_groups, build_optimizer, build_schedule, weight_decay_groups
@@ -85,6 +87,7 @@ class Classifier(TaskModule):
         self.loss_fn = build_loss(config.loss, counts or [1] * len(classes))
         # True when batches hold cached backbone embeddings [B, D] instead of images [B, 3, H, W].
         self.embeddings_input = False
+        self._backbone_digest: str | None = None
         self.init_eval(ClassMetrics(), classes)
 
     @override
@@ -131,6 +134,34 @@ class Classifier(TaskModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.logits(x).softmax(-1)
+
+    def backbone_digest(self) -> str:
+        """Digest of the backbone's weights; computed once, for a backbone that stays frozen (cached-embedding fits)."""
+        if self._backbone_digest is None:
+            self._backbone_digest = weights_digest(self.backbone)
+        return self._backbone_digest
+
+    # Training on cached embeddings, checkpoints hold the head and name the frozen backbone by digest (writing its
+    # 88 MB every epoch was most of a linear probe's time); the files are completed when training ends.
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.embeddings_input:
+            strip_frozen(checkpoint, "backbone.", self.backbone_digest())
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if FROZEN_WEIGHTS in checkpoint:
+            fill_frozen(checkpoint, self.backbone, self.backbone_digest())
+
+    @override
+    def on_train_end(self) -> None:
+        if self.embeddings_input:
+            trainer = self.trainer
+            if trainer.is_global_zero:
+                paths = [p for cb in trainer.checkpoint_callbacks
+                         for p in (cb.best_model_path, cb.last_model_path, *getattr(cb, "best_k_models", {}))]
+                complete_checkpoints(paths, self.backbone, self.backbone_digest())
+            trainer.strategy.barrier("vfmtune-complete-checkpoints")  # validate/test then load the complete files
 
     @property
     def progressive(self) -> bool:

@@ -21,6 +21,7 @@ from vfmtune.adapt.head_init import init_head_from
 from vfmtune.adapt.lora import load_adapter, read_adapter_meta, save_adapter
 from vfmtune.adapt.progressive import progressive_callback
 from vfmtune.backbones import data_config
+from vfmtune.checkpoint import FROZEN_WEIGHTS
 from vfmtune.config import AugmentConfig, Config, FinetuneMode, ResampleMethod, to_container, typed
 from vfmtune.data.datamodule import ImageDataset, SplitData
 from vfmtune.data.prepare import Prepared, train_class_counts
@@ -127,8 +128,12 @@ class ClassifyTask(Task):
 
     def load(self, checkpoint: dict[str, Any]) -> Classifier:
         hp = checkpoint["hyper_parameters"]
-        model = Classifier(typed(hp["config"], Config, strict=False), hp["classes"], load_weights=False,
+        # A checkpoint of a cached-embedding fit that stopped early names its frozen backbone by digest:
+        # its weights come from the config (checked against the digest).
+        incomplete = FROZEN_WEIGHTS in checkpoint
+        model = Classifier(typed(hp["config"], Config, strict=False), hp["classes"], load_weights=incomplete,
                            class_counts=hp.get("class_counts"))
+        model.on_load_checkpoint(checkpoint)
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval()
 
