@@ -1,9 +1,9 @@
 """The one place a Trainer is built and run: `train`, every `cv` fold and `distill` go through `fit`.
 
 It adds what every run needs around the task's own module and data: the precision (`vfmtune.precision`),
-atomic best/last checkpoints (resume-safe), exact resume (optimizer, schedule, callbacks' state and RNG state), peak memory, early
-stopping, the configured extra callbacks, the logger, validation and test with the best weights, and
-the run report (`metrics.json`, plots, results table).
+atomic best/last checkpoints (resume-safe), exact resume (optimizer, schedule, callbacks' state and RNG
+state), peak memory, early stopping, the configured extra callbacks, the logger, validation and test with
+the best weights, and the run report (`metrics.json`, plots, results table).
 """
 
 from __future__ import annotations
@@ -82,5 +82,5 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
         result.update(task.after_fit(model, out))
         task.report(metrics, prepared.table.classes, out, [s for s in ("val", "test") if s in prepared.splits])
         write_json(out / "metrics.json", metrics)
-        print(f"run directory: {out}")
+        print(f"precision: {precision.precision}, training {train_precision}; run directory: {out}")
     return result
