@@ -1,7 +1,7 @@
 """Speed on this CPU: fp32 against the fast path vfmtune picks (`precision=auto`: bf16 autocast on a CPU with
 native bf16), side by side, alternating in one process so machine load hits both alike.
 
-Run: python bench/speed.py [--cases embed_224 embed_448 teacher lora_step full_step student_step cache_pass]
+Run: python bench/speed.py [--cases embed_224 embed_448 teacher lora_step full_step student_step cache_pass] [--threads N]
      python bench/speed.py --cases threads channels_last compile onnx --results speed_extras   # the other candidates
 
 Every case times whole batches (batch 16, random inputs unless named) in `--rounds` rounds; each round runs every
@@ -34,29 +34,35 @@ BF16 = Resolved(Precision.bf16, "cpu", "bench")
 FP32 = Resolved(Precision.fp32, "cpu", "bench")
 
 
-def timed(step: Callable[[], object], steps: int) -> float:
-    t0 = time.perf_counter()
+def timed(step: Callable[[], object], steps: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for `steps` calls."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def compare(variants: dict[str, Callable[[], object]], images_per_call: int, rounds: int, steps: int) -> dict[str, float]:
-    """Alternating rounds; the first variant is the baseline. Returns images/s and speed-up figures."""
+    """Alternating rounds; the first variant is the baseline. Returns images/s and speed-up figures: wall clock
+    (what a user waits), and per CPU-second of this process (less sensitive to other processes on a shared
+    machine: time spent descheduled does not count; time spent spinning in OpenMP waits does)."""
     for step in variants.values():  # warm-up: oneDNN primitive caches, allocator, lazy init
         timed(step, 1)
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, step in variants.items():
             times[name].append(timed(step, steps))
     base = next(iter(variants))
     out: dict[str, float] = {}
     for name, t in times.items():
-        out[f"{name}.images_per_s"] = round(images_per_call * steps / statistics.median(t), 2)
+        wall, cpu = [w for w, _ in t], [c for _, c in t]
+        out[f"{name}.images_per_s"] = round(images_per_call * steps / statistics.median(wall), 2)
+        out[f"{name}.images_per_cpu_s"] = round(images_per_call * steps / statistics.median(cpu), 2)
         if name != base:
-            ratios = [b / v for b, v in zip(times[base], t)]
+            ratios = [b[0] / v[0] for b, v in zip(times[base], t)]
             out[f"{name}.speedup_vs_{base}"] = round(statistics.median(ratios), 3)
             out[f"{name}.speedup_range"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
+            out[f"{name}.cpu_speedup_vs_{base}"] = round(statistics.median([b[1] / v[1] for b, v in zip(times[base], t)]), 3)
     out["images_per_round_per_variant"] = images_per_call * steps
     return out
 
@@ -225,8 +231,11 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=[*CASES, *EXTRAS])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="batches per timed block")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's, all cores)")
     parser.add_argument("--results", default="speed")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     auto = resolve_precision(typed({"trainer": {"accelerator": "cpu"}}))
     figures: dict = {"precision_auto": str(auto.precision), "precision_auto_reason": auto.reason, "batch": BATCH,
                      "rounds": args.rounds, "steps_per_block": args.steps}
@@ -243,7 +252,7 @@ def main() -> None:
             result = run[name]()
             figures.update({f"{name}.{k}": v for k, v in result.items()})
             figures[f"{name}.bench_seconds"] = round(time.perf_counter() - t0, 1)
-            print(name, {k: v for k, v in result.items() if "speedup" in k or "images_per_s" in k}, flush=True)
+            print(name, {k: v for k, v in result.items() if "speedup" in k or "images_per" in k}, flush=True)
     write_results(args.results, figures)
 
 
