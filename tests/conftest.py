@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# A tiny timm ViT (0.3M params) at 64 px with random weights, and no worker processes.
+# A tiny timm ViT (0.3M params) at 64 px with random weights, and no worker processes. fp32: precision=auto
+# would pick bf16 on some CPUs and not others (tests must not depend on the machine; for models this small,
+# bf16 autocast is also slower); tests/test_precision.py covers bf16.
 TINY = [
+    "precision=fp32",
     "backbone.name=timm/test_vit",
     "backbone.weights=none",
     "backbone.img_size=64",

@@ -153,6 +153,13 @@ class Quantize(Choice):
     int8 = "int8"
 
 
+class Precision(Choice):
+    auto = "auto"  # bf16 where the CPU / GPU computes it natively, else fp32 (vfmtune.precision)
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"  # GPUs only
+
+
 @dataclass
 class BackboneConfig:
     name: str = "dinov2_vits14"  # an alias (see vfmtune.backbones.ALIASES) or "timm/<name>"
@@ -358,6 +365,9 @@ class Config:
     monitor: str = "val/macro_f1"  # checkpoint selection and early stopping metric (maximised)
     logger: LoggerName = LoggerName.csv
     seed: int = 0
+    # Arithmetic of every backbone / teacher / student forward: caches, training (Lightning's *-mixed),
+    # evaluation, predict. An explicit trainer.precision wins for training. vfmtune.precision
+    precision: Precision = Precision.auto
     cache_dir: str | None = None  # default: $VFMTUNE_CACHE or ~/.cache/vfmtune
     # CPU memory for time: freed tensors go back to the OS (glibc), so peak RSS follows live tensors
     # (LoRA's smaller activation footprint shows up) for 1.2-1.5x the step time; vfmtune.memory.lean_host_memory

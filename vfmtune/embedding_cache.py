@@ -6,9 +6,11 @@ head-only fine-tune take an hour. Its output for a given image is fixed, so it i
 Layout: `<cache>/embeddings/<model key>/<shard>.safetensors`, each shard holding `digests`
 ([N, 32] uint8 sha256 of the image files' bytes) and `features` ([N, ...]: pooled vectors [N, D] or
 patch-token maps [N, C, h, w]). The model key hashes everything that changes the features: backbone
-name, weights identity, input size, the eval transform and what is extracted (pooled or tokens).
-Images are keyed by content, so renamed files hit the cache, edited files miss it, and adding images
-only embeds the new ones.
+name, weights identity, input size, the eval transform, what is extracted (pooled or tokens) and the
+precision the backbone ran in (`vfmtune.precision`: bf16 and fp32 features never mix). Images are
+keyed by content, so renamed files hit the cache, edited files miss it, and adding images only
+embeds the new ones. In a multi-process run (DDP) each rank embeds its share of the missing images
+into its own shard, and after a barrier every rank reads the whole cache (`Shard`).
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from torch.utils.data import DataLoader
 
 from vfmtune.backbones import data_config
 from vfmtune.cache_dir import cache_dir
-from vfmtune.config import AugmentConfig, Config
+from vfmtune.config import AugmentConfig, Config, Precision
 from vfmtune.data.datamodule import ImageDataset
 from vfmtune.data.transforms import build_transforms
-from vfmtune.device import compute_device
+from vfmtune.device import Shard, compute_device
 from vfmtune.faults import fault_point
 from vfmtune.io import atomic_path, file_digest, write_json
+from vfmtune.precision import Resolved, resolve_precision
 
 CACHE_VERSION = 1
 
@@ -92,6 +95,16 @@ class EmbeddingCache:
                 table[digest.tobytes()] = row
         return table
 
+    def missing(self, paths: Sequence[str]) -> list[str]:
+        """The paths whose content is not cached yet, one per distinct content, in order."""
+        cached = set(self._load())
+        todo: dict[bytes, str] = {}
+        for p in paths:
+            d = file_digest(p)
+            if d not in cached:
+                todo.setdefault(d, p)
+        return list(todo.values())
+
     def _save_shard(self, digests: list[bytes], features: torch.Tensor) -> None:
         name = hashlib.sha256(b"".join(digests)).hexdigest()[:16]
         digest_t = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).view(-1, 32)
@@ -127,21 +140,26 @@ class EmbeddingCache:
         progress: bool = True,
         device: torch.device | str = "cpu",
         extract: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+        precision: Resolved | None = None,
+        lock: bool = True,
     ) -> torch.Tensor:
         """Features [len(paths), ...] of `backbone` in eval mode: pooled vectors `backbone(x)`, or what
         `extract(backbone, x)` returns (e.g. patch tokens; its name belongs in the model key). Only cache
-        misses are computed, on `device` (the backbone goes back where it was); stored on the CPU."""
+        misses are computed, on `device` (the backbone goes back where it was), under `precision`'s
+        autocast (fp32 if None; it belongs in the model key too); stored on the CPU as float32."""
         digests = [file_digest(p) for p in paths]
         table = self._load()
         if any(d not in table for d in digests):
-            with self._locked():
+            # DDP ranks embed disjoint shares at once (lock=False); other writers take turns
+            with self._locked() if lock else contextlib.nullcontext():
                 table = self._load()  # another process may have embedded them while we waited
-                self._embed_missing(table, digests, paths, backbone, transform, batch_size, num_workers, progress, device, extract)
+                self._embed_missing(table, digests, paths, backbone, transform, batch_size, num_workers, progress, device,
+                                    extract, precision)
         return torch.stack([table[d] for d in digests])
 
     def _embed_missing(self, table: dict[bytes, torch.Tensor], digests: list[bytes], paths: Sequence[str], backbone: nn.Module,
                        transform: Callable, batch_size: int, num_workers: int, progress: bool, device: torch.device | str,
-                       extract: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None) -> None:
+                       extract: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None, precision: Resolved | None) -> None:
         missing_unique: dict[bytes, int] = {}  # digest -> first index: duplicate files embed once
         for i, d in enumerate(digests):
             if d not in table:
@@ -162,7 +180,9 @@ class EmbeddingCache:
         done, chunks = 0, []
         for b, (images, _) in enumerate(iterator, start=1):
             x = images.to(device, non_blocking=True)
-            chunks.append((backbone(x) if extract is None else extract(backbone, x)).float().cpu())
+            with precision.autocast() if precision else contextlib.nullcontext():
+                out = backbone(x) if extract is None else extract(backbone, x)
+            chunks.append(out.float().cpu())
             fault_point("embed_batch")
             if b % self.shard_every == 0 or b == len(loader):
                 features = torch.cat(chunks)
@@ -181,24 +201,48 @@ def embed_images(
     kind: str = "pooled",
     label: str = "embeddings",
     transform: Callable | None = None,
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """Features of `paths` through the run's embedding cache (`<cache>/embeddings/<model key>`).
 
     The transform is the classification eval transform of the backbone's timm data config at
     `config.backbone.img_size` unless given (segmentation resizes without cropping); the key holds the
-    backbone name, its actual weights, that transform and `kind` (what `extract` returns).
+    backbone name, its actual weights, that transform, `kind` (what `extract` returns) and the run's
+    precision (`config.precision`, resolved for the compute device).
+
+    Args:
+        shard: in a multi-process run, this rank's share: it embeds 1/world of the missing images,
+            waits for the others, then reads everyone's from the cache. If `cache_dir` is not shared
+            between the ranks (node-local disks), the rest is embedded here too: correct, not faster.
 
     Returns:
         `[len(paths), ...]` float32 on the CPU.
     """
     eval_tf = transform or build_transforms(data_config(backbone, config.backbone.img_size), AugmentConfig(enabled=False))[1]
+    precision = resolve_precision(config)
+    extra = {} if kind == "pooled" else {"kind": kind}
+    if precision.precision != Precision.fp32:  # fp32 keys stay as before: existing caches remain valid
+        extra["precision"] = str(precision.precision)
     digest = weights_digest(backbone)
-    key = model_key(config.backbone.name, digest, eval_tf, None if kind == "pooled" else {"kind": kind})
+    key = model_key(config.backbone.name, digest, eval_tf, extra or None)
     meta = {"backbone": config.backbone.name, "weights": str(config.backbone.weights), "img_size": config.backbone.img_size,
-            "kind": kind, "weights_digest": digest}
+            "kind": kind, "weights_digest": digest, "precision": str(precision.precision)}
     cache = EmbeddingCache(cache_dir(config.cache_dir) / "embeddings" / key, meta=meta)
+    device = compute_device(config)
     t0 = time.perf_counter()
+    if shard is not None and shard.world > 1:
+        todo = cache.missing(paths)
+        mine = todo[shard.rank::shard.world]
+        cache.embed(backbone, mine, eval_tf, config.data.batch_size, config.data.num_workers, progress=shard.rank == 0,
+                    device=device, extract=extract, precision=precision, lock=False)
+        print(f"rank {shard.rank}/{shard.world}: embedded {len(mine)} of {len(todo)} new images in "
+              f"{time.perf_counter() - t0:.1f}s; waiting for the other ranks")
+        shard.barrier()
+        left = len(cache.missing(paths))
+        if left:
+            print(f"rank {shard.rank}: {left} images embedded by other ranks are not in {cache.folder}: cache_dir is not "
+                  "shared between ranks, so this rank embeds them too (put cache_dir on a shared filesystem)")
     features = cache.embed(backbone, paths, eval_tf, config.data.batch_size, config.data.num_workers,
-                           device=compute_device(config), extract=extract)
-    print(f"{label} ready in {time.perf_counter() - t0:.1f}s ({cache.folder})")
+                           device=device, extract=extract, precision=precision)
+    print(f"{label} ready in {time.perf_counter() - t0:.1f}s, {precision.precision} ({cache.folder})")
     return features

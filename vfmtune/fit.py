@@ -1,9 +1,9 @@
 """The one place a Trainer is built and run: `train`, every `cv` fold and `distill` go through `fit`.
 
-It adds what every run needs around the task's own module and data: atomic best/last checkpoints
-(resume-safe), exact resume (optimizer, schedule, callbacks' state and RNG state), peak memory, early
-stopping, the configured extra callbacks, the logger, validation and test with the best weights, and
-the run report (`metrics.json`, plots, results table).
+It adds what every run needs around the task's own module and data: the precision (`vfmtune.precision`),
+atomic best/last checkpoints (resume-safe), exact resume (optimizer, schedule, callbacks' state and RNG
+state), peak memory, early stopping, the configured extra callbacks, the logger, validation and test with
+the best weights, and the run report (`metrics.json`, plots, results table).
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from vfmtune.checkpoint import resolve_checkpoint
 from vfmtune.config import Config, ConfigError, safe_instantiate
 from vfmtune.data.prepare import Prepared, align_classes, require_splits
 from vfmtune.data.sources import from_imagefolder
+from vfmtune.device import OneThread
 from vfmtune.inference import score
 from vfmtune.io import write_json
 from vfmtune.memory import PeakMemory
+from vfmtune.precision import resolve_precision, trainer_precision
 from vfmtune.rng import RNGState
 from vfmtune.run import build_trainer, quiet
 from vfmtune.tasks.base import Task
@@ -54,13 +56,17 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
     best_cb = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max",
                               auto_insert_metric_name=False, enable_version_counter=False) if monitor else None
     memory = PeakMemory()
-    all_callbacks: list[L.Callback] = [*([best_cb] if best_cb else []), last_cb, RNGState(), memory, *setup.callbacks]
+    all_callbacks: list[L.Callback] = [*([best_cb] if best_cb else []), last_cb, RNGState(), memory, *setup.callbacks,
+                                       *([] if setup.backbone_runs else [OneThread()])]
     stop = config.early_stopping
     if stop.enabled and monitor:
         all_callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=stop.patience, min_delta=stop.min_delta))
     all_callbacks += [safe_instantiate(c, f"callbacks[{i}]") for i, c in enumerate(config.callbacks)]
     all_callbacks += list(callbacks)
-    trainer = build_trainer(config, out, all_callbacks)
+    precision = resolve_precision(config)
+    train_precision, why = trainer_precision(config, precision, setup.backbone_runs)
+    print(f"precision: {precision}; training: {train_precision} ({why})")
+    trainer = build_trainer(config, out, all_callbacks, precision=train_precision)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=data, ckpt_path=str(resolve_checkpoint(config.ckpt)) if config.ckpt else None)
     train_seconds = time.perf_counter() - t0
@@ -73,14 +79,15 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
     if config.data.target_test:
         metrics.update(score_target(task, model, config))
     metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2),
-                    **memory.figures, **setup.figures})
+                    "precision": str(precision.precision), "precision_reason": precision.reason,
+                    "trainer_precision": train_precision, "trainer_precision_reason": why, **memory.figures, **setup.figures})
     result: dict[str, Any] = {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
     if trainer.is_global_zero:
         result.update(task.after_fit(model, out, prepared))
         prefixes = [s for s in ("val", "test") if s in prepared.splits] + (["target"] if config.data.target_test else [])
         task.report(metrics, prepared.table.classes, out, prefixes)
         write_json(out / "metrics.json", metrics)
-        print(f"run directory: {out}")
+        print(f"precision: {precision.precision}, training {train_precision}; run directory: {out}")
     return result
 
 

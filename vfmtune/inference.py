@@ -2,44 +2,58 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from vfmtune.config import Config
 from vfmtune.device import compute_device
 from vfmtune.faults import fault_point
 from vfmtune.metrics import MetricSpec
+from vfmtune.precision import resolve_precision
 
 
 def eval_loader(dataset: Dataset, config: Config, batch_size: int | None = None) -> DataLoader:
     """Batches for evaluation or prediction (`batch_size=1` for images of different sizes)."""
     # In-memory features need no worker processes; images are decoded in parallel.
-    workers = 0 if isinstance(dataset, torch.utils.data.TensorDataset) else config.data.num_workers
+    workers = 0 if isinstance(dataset, TensorDataset) else config.data.num_workers
     return DataLoader(dataset, batch_size=batch_size or config.data.batch_size, num_workers=workers)
+
+
+def _autocast(dataset: Dataset, config: Config) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    # Images go through a backbone in the run's precision; a head on cached features runs in fp32, as it
+    # trained (the backbone already ran, in the precision the cache key records).
+    return contextlib.nullcontext if isinstance(dataset, TensorDataset) else resolve_precision(config).autocast
 
 
 @torch.inference_mode()
 def run_inference(module: nn.Module, dataset: Dataset, config: Config) -> torch.Tensor:
-    """`module(inputs)` for every `(inputs, target)` of `dataset`, concatenated on the CPU, on the run's device."""
+    """`module(inputs)` for every `(inputs, target)` of `dataset`, concatenated on the CPU as float32, on the
+    run's device and in its precision (`config.precision`)."""
     device = compute_device(config)
     module = module.eval().to(device)
-    outputs = []
+    autocast, outputs = _autocast(dataset, config), []
     for x, _ in eval_loader(dataset, config):
-        outputs.append(module(x.to(device)).float().cpu())
+        with autocast():
+            outputs.append(module(x.to(device)).float().cpu())
         fault_point("inference_batch")
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
 @torch.inference_mode()
 def score(module: nn.Module, loader: DataLoader, spec: MetricSpec, classes: Sequence[str], prefix: str, config: Config) -> dict[str, Any]:
-    """The metrics of `module` on the `(inputs, targets)` batches of `loader`, keyed `<prefix>/<metric>` as in metrics.json."""
+    """The metrics of `module` on the `(inputs, targets)` batches of `loader`, keyed `<prefix>/<metric>` as in
+    metrics.json (precision as in `run_inference`)."""
     device = compute_device(config)
     module = module.eval().to(device)
     metrics = spec.build(classes).to(device)
+    autocast = _autocast(loader.dataset, config)
     for x, y in loader:
-        spec.update(metrics, module(x.to(device)), y.to(device))
+        with autocast():
+            outputs = module(x.to(device))
+        spec.update(metrics, outputs.float(), y.to(device))
     return spec.results(metrics.compute(), prefix, classes)

@@ -6,9 +6,14 @@ from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from typing_extensions import override
 
 from vfmtune.data.images import load_image
+from vfmtune.device import Shard
+
+# Builds a run's datasets (and training sampler) for this process's share of the work, e.g. a cache pass.
+DatasetBuilder = Callable[[Shard], tuple[dict[str, Dataset], Sampler | None]]
 
 
 class ImageDataset(Dataset):
@@ -27,14 +32,29 @@ class ImageDataset(Dataset):
         return self.transform(load_image(self.paths[i])), self.labels[i]
 
 
+class InMemoryBatches(TensorDataset):
+    """A TensorDataset whose DataLoader indexes a whole batch at once (`__getitems__`) instead of one row at a
+    time plus a collate: the same batches, without ~1 ms of Python per batch of 128 cached embeddings."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _as_is(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return batch
+
+
 class SplitData(L.LightningDataModule):
     """Holds ready-made datasets per split; scanning and splitting happen before (`vfmtune.data.prepare`).
 
     Args:
-        datasets: "train" / "val" / "test" / "predict" -> dataset of `(input, target)`; inputs are images or cached features.
+        datasets: "train" / "val" / "test" / "predict" -> dataset of `(input, target)`; inputs are images or
+            cached features. Or a `DatasetBuilder`, called once in `setup` on every process, after Lightning
+            has started them all: in a DDP run each rank then computes its share of a cache pass (`Shard`).
         batch_size: per-process batch size.
         num_workers: loader worker processes (0 for in-memory embeddings).
-        train_sampler: optional sampler for the training split (e.g. class-balanced).
+        train_sampler: optional sampler for the training split (e.g. class-balanced); a builder returns its own.
         eval_batch_size: for val / test / predict when it must differ (1: images of different sizes).
 
     A "target" dataset (unlabelled images of another domain) is cycled next to the training split:
@@ -43,23 +63,34 @@ class SplitData(L.LightningDataModule):
 
     def __init__(
         self,
-        datasets: dict[str, Dataset],
+        datasets: dict[str, Dataset] | DatasetBuilder,
         batch_size: int,
         num_workers: int = 0,
         train_sampler: Sampler | None = None,
         eval_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.datasets = datasets
+        self.build = None if isinstance(datasets, dict) else datasets
+        self.datasets: dict[str, Dataset] = datasets if isinstance(datasets, dict) else {}
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_sampler = train_sampler
         self.eval_batch_size = eval_batch_size
 
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.build is not None and not self.datasets:
+            trainer = self.trainer
+            shard = Shard() if trainer is None else Shard(trainer.global_rank, trainer.world_size,
+                                                          lambda: trainer.strategy.barrier("vfmtune-datasets"))
+            self.datasets, self.train_sampler = self.build(shard)
+
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
+        in_memory = isinstance(dataset, TensorDataset)
         return DataLoader(
-            dataset,
+            InMemoryBatches(*dataset.tensors) if in_memory else dataset,
+            collate_fn=_as_is if in_memory else None,
             batch_size=self.batch_size if train or self.eval_batch_size is None else self.eval_batch_size,
             shuffle=train and (self.train_sampler is None or split != "train"),
             sampler=self.train_sampler if train and split == "train" else None,

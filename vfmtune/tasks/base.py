@@ -26,12 +26,14 @@ from vfmtune.metrics import MetricSpec
 
 @dataclass
 class Setup:
-    """What `vfmtune.fit` trains: the module, its data, the task's own callbacks and figures for the report."""
+    """What `vfmtune.fit` trains: the module, its data, the task's own callbacks and figures for the report.
+    `backbone_runs` is False when training sees only cached embeddings (a head on fixed features)."""
 
     model: TaskModule
     data: L.LightningDataModule
     callbacks: list[L.Callback] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
+    backbone_runs: bool = True
 
 
 class Task:

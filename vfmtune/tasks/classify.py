@@ -15,17 +15,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from vfmtune.adapt.freeze import is_frozen, param_table
 from vfmtune.adapt.head_init import init_head_from
 from vfmtune.adapt.lora import load_adapter, read_adapter_meta, save_adapter
 from vfmtune.adapt.progressive import progressive_callback
 from vfmtune.backbones import data_config
+from vfmtune.checkpoint import FROZEN_WEIGHTS
 from vfmtune.config import AdaptMethod, AugmentConfig, Config, ConfigError, FinetuneMode, ResampleMethod, to_container, typed
 from vfmtune.data.datamodule import ImageDataset, SplitData
 from vfmtune.data.prepare import Prepared, list_images, train_class_counts, training_only_images
 from vfmtune.data.transforms import build_transforms
+from vfmtune.device import Shard
 from vfmtune.embedding_cache import embed_images
 from vfmtune.inference import eval_loader, run_inference
 from vfmtune.io import atomic_path
@@ -42,11 +44,13 @@ def uses_cache(config: Config, model: Classifier) -> bool:
     return config.finetune.cache_embeddings and is_frozen(model.backbone) and not model.progressive
 
 
-def class_inputs(config: Config, model: nn.Module, prepared: Prepared, splits: Sequence[str], cached: bool) -> dict[str, Dataset]:
-    """Per split: cached embeddings of `model.backbone` (`cached`), or images with train/eval transforms."""
+def class_inputs(config: Config, model: nn.Module, prepared: Prepared, splits: Sequence[str], cached: bool,
+                 shard: Shard | None = None) -> dict[str, Dataset]:
+    """Per split: cached embeddings of `model.backbone` (`cached`; `shard`: this rank's share of the cache
+    pass), or images with train/eval transforms."""
     if cached:
         paths, _ = prepared.subset("all")
-        by_path = dict(zip(paths, embed_images(config, model.backbone, paths)))
+        by_path = dict(zip(paths, embed_images(config, model.backbone, paths, shard=shard)))
         out: dict[str, Dataset] = {}
         for split in splits:
             p, y = prepared.subset(split)
@@ -134,17 +138,21 @@ class ClassifyTask(Task):
         unfreezing = progressive_callback(config, model)  # validates the schedule before any training
         cached = check_imbalance_options(config, uses_cache(config, model), counts, classes)
         print(param_table(model.backbone, model.head))
-        datasets = class_inputs(config, model, prepared, prepared.present, cached)
         model.embeddings_input = cached
-        if config.resample.method != ResampleMethod.none:
-            x, y = datasets["train"].tensors
-            datasets["train"] = TensorDataset(*resample_embeddings(x, y, config.resample, classes, config.seed))
-        if config.adapt.method in (AdaptMethod.coral, AdaptMethod.dann):
-            datasets["target"] = target_images(config, model, prepared, cached)
-        train_labels = datasets["train"].tensors[1].tolist() if cached else prepared.labels("train")
-        data = SplitData(datasets, batch_size=config.data.batch_size, num_workers=0 if cached else config.data.num_workers,
-                         train_sampler=build_sampler(config.data.sampler, train_labels, config.seed))
-        return Setup(model, data, callbacks=[unfreezing] if unfreezing else [])
+
+        def build(shard: Shard) -> tuple[dict[str, Dataset], Sampler | None]:
+            # Called on every process once Lightning has started them: a DDP run shares the cache pass.
+            datasets = class_inputs(config, model, prepared, prepared.present, cached, shard)
+            if config.resample.method != ResampleMethod.none:
+                x, y = datasets["train"].tensors
+                datasets["train"] = TensorDataset(*resample_embeddings(x, y, config.resample, classes, config.seed))
+            if config.adapt.method in (AdaptMethod.coral, AdaptMethod.dann):
+                datasets["target"] = target_images(config, model, prepared, cached)
+            train_labels = datasets["train"].tensors[1].tolist() if cached else prepared.labels("train")
+            return datasets, build_sampler(config.data.sampler, train_labels, config.seed)
+
+        data = SplitData(build, batch_size=config.data.batch_size, num_workers=0 if cached else config.data.num_workers)
+        return Setup(model, data, callbacks=[unfreezing] if unfreezing else [], backbone_runs=not cached)
 
     def after_fit(self, model: TaskModule, out: Path, prepared: Prepared) -> dict[str, Any]:
         if model.config.finetune.mode != FinetuneMode.lora:
@@ -157,8 +165,12 @@ class ClassifyTask(Task):
 
     def load(self, checkpoint: dict[str, Any]) -> Classifier:
         hp = checkpoint["hyper_parameters"]
-        model = Classifier(typed(hp["config"], Config, strict=False), hp["classes"], load_weights=False,
+        # A checkpoint of a cached-embedding fit that stopped early names its frozen backbone by digest:
+        # its weights come from the config (checked against the digest).
+        incomplete = FROZEN_WEIGHTS in checkpoint
+        model = Classifier(typed(hp["config"], Config, strict=False), hp["classes"], load_weights=incomplete,
                            class_counts=hp.get("class_counts"))
+        model.on_load_checkpoint(checkpoint)
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval()
 

@@ -21,6 +21,7 @@ from vfmtune.config import AugmentConfig, DistillCommand, typed
 from vfmtune.data.datamodule import ImageDataset, SplitData
 from vfmtune.data.prepare import Prepared, training_only_images
 from vfmtune.data.transforms import build_transforms
+from vfmtune.device import Shard
 from vfmtune.embedding_cache import embed_images
 from vfmtune.inference import eval_loader
 from vfmtune.metrics import ClassMetrics
@@ -75,18 +76,24 @@ class DistillTask(Task):
             print(f"{len(extra)} unlabelled images added to training (teacher soft targets only)")
             train_paths, train_labels = train_paths + extra, train_labels + [UNLABELED] * len(extra)
         datasets: dict[str, Dataset] = {s: ImageDataset(*prepared.subset(s), eval_tf) for s in ("val", "test") if s in prepared.splits}
-        train_set: Dataset = ImageDataset(train_paths, train_labels, train_tf)
-        if model.needs_teacher and config.distill.cache_teacher and not d.augment.enabled:
+        datasets["train"] = ImageDataset(train_paths, train_labels, train_tf)
+        cache_teacher = model.needs_teacher and config.distill.cache_teacher and not d.augment.enabled
+        if model.needs_teacher and not cache_teacher:
+            print("teacher runs on every batch (augmented views differ each epoch; set data.augment.enabled=false to cache it)")
+
+        def build(shard: Shard) -> tuple[dict[str, Dataset], None]:
+            if not cache_teacher:
+                return datasets, None
             # Deterministic views + frozen teacher: its outputs never change, so the embedding cache holds them
             # (same key as `vfmtune train` for this backbone; logits are the head applied to it, microseconds).
+            # Called on every process: in a DDP run each rank embeds its share.
             teacher_run = dataclasses.replace(config, backbone=teacher.config.backbone)
-            train_set = TeacherTargets(train_set, embed_images(teacher_run, teacher.backbone, train_paths, label="teacher outputs"))
-        elif model.needs_teacher:
-            print("teacher runs on every batch (augmented views differ each epoch; set data.augment.enabled=false to cache it)")
-        datasets["train"] = train_set
+            outputs = embed_images(teacher_run, teacher.backbone, train_paths, label="teacher outputs", shard=shard)
+            return {**datasets, "train": TeacherTargets(datasets["train"], outputs)}, None
+
         figures = {"teacher": str(config.teacher), "student": config.student,
                    "student_params": sum(p.numel() for p in model.student.parameters())}
-        return Setup(model, SplitData(datasets, batch_size=d.batch_size, num_workers=d.num_workers), figures=figures)
+        return Setup(model, SplitData(build, batch_size=d.batch_size, num_workers=d.num_workers), figures=figures)
 
     def load(self, checkpoint: dict[str, Any]) -> Distiller:
         hp = checkpoint["hyper_parameters"]
