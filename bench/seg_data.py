@@ -151,7 +151,7 @@ SOURCES: dict[str, Source] = {
 
 def cache_root() -> Path:
     """``$VFMTUNE_CACHE/bench_data`` (default ``~/.cache/vfmtune/bench_data``), vfmtune's cache rule."""
-    from vfmtune.weights import cache_dir
+    from vfmtune.cache import cache_dir
 
     return cache_dir() / "bench_data"
 

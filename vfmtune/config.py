@@ -12,7 +12,6 @@ own signature (read from it, not repeated here); `callbacks` are allow-listed `_
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from enum import Enum
@@ -563,7 +562,7 @@ def to_container(cfg: Config | DictConfig | dict[str, Any]) -> dict[str, Any]:
 
 def config_dirs() -> tuple[Path, Path]:
     """(conf dir, folder holding `recipes/`): the repo layout in a checkout, the wheel's copy otherwise."""
-    pkg = Path(importlib.import_module("vfmtune").__file__).parent
+    pkg = Path(__file__).parent
     packed = pkg / "_configs"
     base = packed if (packed / "conf").is_dir() else pkg.parent
     return base / "conf", base

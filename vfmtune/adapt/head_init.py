@@ -14,24 +14,22 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from vfmtune.checkpoint import load_checkpoint, resolve_checkpoint
 from vfmtune.config import ConfigError, FinetuneMode, to_container
-
-if TYPE_CHECKING:
-    from vfmtune.tasks.classifier import Classifier
 
 # A head fits the embedding space it was trained on: same model, weights, input size and pooling.
 SAME_FEATURES = ("name", "weights", "path", "img_size", "global_pool")
 SAME_HEAD = ("type", "hidden_dim", "feature_norm")
 
 
-def init_head_from(model: Classifier, source: str | os.PathLike[str]) -> Path:
+def init_head_from(model: Any, source: str | os.PathLike[str]) -> Path:
     """Copy the head of a frozen-backbone run into `model.head`.
 
     Args:
-        model: the classifier about to be fine-tuned.
+        model: the classifier about to be fine-tuned (a `vfmtune.tasks.classifier.Classifier`: `head`,
+            `classes`, `config`).
         source: a run directory (its best checkpoint) or a `.ckpt` file of a `finetune=frozen` run.
 
     Returns:
