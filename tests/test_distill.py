@@ -208,6 +208,19 @@ def test_seg_kd_loss__golden_per_pixel_terms() -> None:
     assert only_kd["label"].item() == 0.0 and only_kd["loss"].item() == pytest.approx(0.6 * 4 * kl.item(), abs=1e-5)
 
 
+def test_seg_channel_kd__golden_spatial_terms() -> None:
+    """Channel-wise distillation (Shu et al. 2021): KL of each class map's distribution over the pixels."""
+    model = SegDistiller(seg_student_config("kd.alpha=0.5", "kd.temperature=2", "kd.dense=channel", "segment.loss=ce"), ["a", "b"],
+                         teacher_info=SEG_TEACHER_INFO)
+    s = torch.tensor([[[[2.0, 0.0], [1.0, -1.0]], [[0.0, 1.0], [1.0, 2.0]]]])
+    t = torch.tensor([[[[1.0, 1.0], [0.0, 3.0]], [[0.0, 2.0], [2.0, 0.0]]]])
+    terms = model.kd_loss(s, t, torch.full((1, 2, 2), 255))
+    pt, ps = (t / 2).flatten(2).softmax(-1), (s / 2).flatten(2).softmax(-1)  # over the 4 pixels, per class
+    kl = (pt * (pt.log() - ps.log())).sum(-1).mean()  # mean over the 2 classes
+    assert terms["kl"] == pytest.approx(kl.item(), abs=1e-6) and terms["kl"].item() == pytest.approx(0.375899, abs=1e-5)
+    assert terms["loss"] == pytest.approx(0.5 * 4 * kl.item(), abs=1e-5)
+
+
 def test_seg_teacher_logits__same_view_each_model_normalised(seg_distill_runs: dict[str, Path]) -> None:
     teacher = load_model(seg_distill_runs["teacher"])
     model = SegDistiller(seg_student_config("distill.img_size=32"), teacher.classes, teacher=teacher)

@@ -128,6 +128,11 @@ class FeatureLoss(Choice):
     mse = "mse"
 
 
+class DenseKD(Choice):
+    pixel = "pixel"
+    channel = "channel"
+
+
 class StudentWeights(Choice):
     auto = "auto"  # packaged, else hub, else none
     packaged = "packaged"
@@ -371,6 +376,9 @@ class KDConfig:
     alpha: float = 0.7  # 0: CE only (no teacher needed), 1: teacher only
     feature_weight: float = 0.0  # > 0: student pooled features -> linear projector -> teacher embedding
     feature_loss: FeatureLoss = FeatureLoss.cosine
+    # segmentation: pixel = KL of each pixel's class distribution (Hinton per pixel); channel = KL of each class
+    # map's spatial distribution (channel-wise distillation, Shu et al. 2021, arXiv:2011.13256)
+    dense: DenseKD = DenseKD.pixel
 
 
 @dataclass

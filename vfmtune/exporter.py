@@ -25,7 +25,7 @@ import functools
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,9 +97,20 @@ def preprocessing_policy(transform: Callable) -> dict[str, Any]:
     return policy
 
 
-def _batches(paths: Sequence[str], transform: Callable, size: int = 32):
+def _batches(paths: Sequence[str], transform: Callable, size: int = 32) -> Iterator[np.ndarray]:
     for i in range(0, len(paths), size):
         yield torch.stack([transform(load_image(p)) for p in paths[i : i + size]]).numpy()
+
+
+class _Images:
+    """Preprocessed batches `[B, 3, S, S]` of image files, decoded again on every pass: a test split at
+    segmentation sizes (448 px: 2.4 MB per image) need not fit in memory."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return _batches(self.paths, self.transform)
 
 
 def export_onnx(module: nn.Module, path: Path, size: int, opset: int) -> None:
@@ -173,24 +184,26 @@ class _Scores:
     def update(self, outputs: np.ndarray, targets: Sequence[torch.Tensor]) -> None:
         out = torch.from_numpy(outputs)
         if all(t.shape == targets[0].shape for t in targets):
-            self.spec.update(self.metrics, out, torch.stack(list(targets)))
+            self.spec.update(self.metrics, out, torch.stack(list(targets)).long())
         else:
             for o, t in zip(out, targets):
-                self.spec.update(self.metrics, o[None], t[None])
+                self.spec.update(self.metrics, o[None], t[None].long())
 
-    def results(self, prefix: str = "x") -> dict[str, Any]:
-        return {k.split("/", 1)[1]: v for k, v in self.spec.results(self.metrics.compute(), prefix, self.classes).items()}
+    def results(self) -> dict[str, float]:
+        """The spec's scalar metrics, without a split prefix."""
+        flat = self.spec.results(self.metrics.compute(), "export", self.classes)
+        return {k.removeprefix("export/"): v for k, v in flat.items() if isinstance(v, float)}
 
 
 def compare_models(reference: Callable[[np.ndarray], np.ndarray], other: Callable[[np.ndarray], np.ndarray],
-                   batches: Sequence[np.ndarray], targets: Sequence[torch.Tensor], spec: MetricSpec, classes: Sequence[str],
+                   batches: Iterable[np.ndarray], targets: Sequence[torch.Tensor], spec: MetricSpec, classes: Sequence[str],
                    gate: ExportGate, verify: int) -> dict[str, Any]:
     """Both models on the same real images, streamed (a split's logit maps need not fit in memory).
 
     Returns:
         `max_abs_diff` (logits) and `max_abs_diff_probs` over the first `verify` images; `gate.agreement`:
         the spec's `gate.agreement_metric` of `other` scored against `reference`'s predictions; and the
-        spec's scalar metrics of each model against `targets` under `reference` and `other`.
+        spec's scalar metrics of each model against `targets` under "reference" and "other".
     """
     ref_scores, other_scores, agreement = _Scores(spec, classes), _Scores(spec, classes), _Scores(spec, classes)
     diff = diff_probs = 0.0
@@ -206,9 +219,8 @@ def compare_models(reference: Callable[[np.ndarray], np.ndarray], other: Callabl
         other_scores.update(o, y)
         agreement.update(o, [_predictions(torch.from_numpy(ri), t) for ri, t in zip(r, y)])
         seen += len(x)
-    scalars = lambda d: {k: v for k, v in d.items() if isinstance(v, float)}  # noqa: E731
     return {"max_abs_diff": diff, "max_abs_diff_probs": diff_probs, gate.agreement: agreement.results()[gate.agreement_metric],
-            "reference": scalars(ref_scores.results()), "other": scalars(other_scores.results())}
+            "reference": ref_scores.results(), "other": other_scores.results()}
 
 
 class _Calibration:
@@ -308,7 +320,7 @@ def export_bundle(task: Task, model: nn.Module, prepared: Prepared, config: Expo
     test_paths, _ = prepared.subset(split)
     targets = task.export_targets(prepared, split, classes)
     verify = ex.verify_images or len(test_paths)
-    xs = list(_batches(test_paths, transform))
+    xs = _Images(test_paths, transform)
 
     def source(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -324,7 +336,7 @@ def export_bundle(task: Task, model: nn.Module, prepared: Prepared, config: Expo
     if fmt == ExportFormat.torchscript:
         path = bundle / "model.pt"
         with torch.inference_mode():
-            traced = torch.jit.trace(module, torch.from_numpy(xs[0][:2]))
+            traced = torch.jit.trace(module, torch.from_numpy(next(iter(xs))[:2]))
         traced.save(str(path))
         loaded = torch.jit.load(str(path)).eval()
 
@@ -386,7 +398,7 @@ def export_bundle(task: Task, model: nn.Module, prepared: Prepared, config: Expo
 
 
 def _quantize_gated(path: Path, prepared: Prepared, transform: Callable, fp32: Callable[[np.ndarray], np.ndarray],
-                    xs: list[np.ndarray], targets: Sequence[torch.Tensor], task: Task, classes: Sequence[str], ex: Any,
+                    xs: Iterable[np.ndarray], targets: Sequence[torch.Tensor], task: Task, classes: Sequence[str], ex: Any,
                     split: str, metrics: dict[str, Any]) -> tuple[Path, bool, tuple[str, ...]]:
     """INT8 next to the fp32 model, judged against it by the task's gate; figures go into `metrics`.
 

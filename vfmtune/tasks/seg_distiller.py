@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from vfmtune.backbones import data_config
-from vfmtune.config import ConfigError, DistillCommand, to_container, typed
+from vfmtune.config import ConfigError, DenseKD, DistillCommand, to_container, typed
 from vfmtune.metrics import MaskMetrics
 from vfmtune.optim import build_optimizer, build_schedule, weight_decay_groups
 from vfmtune.seg_losses import build_seg_loss
@@ -52,10 +52,19 @@ def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def pixel_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over pixels of KL(softmax(teacher / T) || softmax(student / T)) for logits `[B, K, H, W]`."""
+    """Mean over pixels of KL(softmax(teacher / T) || softmax(student / T)) over classes, logits `[B, K, H, W]`."""
     log_p_s = F.log_softmax(student / temperature, 1)
     log_p_t = F.log_softmax(teacher / temperature, 1)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(1).mean()
+
+
+def channel_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over images and classes of KL between each class map's distribution over the pixels (softmax over
+    H x W of logits / T): channel-wise distillation (Shu et al. 2021). Every class weighs the same however
+    few pixels it covers, where the per-pixel form is dominated by the commonest class."""
+    log_p_s = F.log_softmax(student.flatten(2) / temperature, -1)
+    log_p_t = F.log_softmax(teacher.flatten(2) / temperature, -1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(-1).mean()
 
 
 class SegDistiller(TaskModule):
@@ -159,7 +168,7 @@ class SegDistiller(TaskModule):
         label = self.loss_fn(s_logits, masks)
         out = {"label": label, "loss": (1 - kd.alpha) * label}
         if kd.alpha > 0 and t_logits is not None:
-            kl = pixel_kd(s_logits, t_logits, kd.temperature)
+            kl = (channel_kd if kd.dense == DenseKD.channel else pixel_kd)(s_logits, t_logits, kd.temperature)
             out["kl"] = kl
             out["loss"] = out["loss"] + kd.alpha * kd.temperature**2 * kl
         return out

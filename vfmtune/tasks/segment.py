@@ -209,7 +209,8 @@ class SegmentTask(Task):
         return image_transform(data_cfg)  # the whole image resized to the input: no crop would cover a mask
 
     def export_targets(self, prepared: Prepared, split: str, classes: Sequence[str]) -> list[torch.Tensor]:
-        return [torch.from_numpy(load_mask(m, num_classes=len(classes), colours=prepared.table.colours).astype(np.int64))
+        # uint8 (the exporter scores them as int64 a batch at a time): a split's masks at full resolution
+        return [torch.from_numpy(load_mask(m, num_classes=len(classes), colours=prepared.table.colours))
                 for m in prepared.subset(split)[1]]
 
     def export_info(self, model: nn.Module) -> dict[str, Any]:
