@@ -110,3 +110,21 @@ def make_mask_folder(root: Path, n: int = 24, size: int = 48, seed: int = 0, cla
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"img_{i:03d}.png")
         Image.fromarray(mask).save(root / "masks" / f"img_{i:03d}.png")
     return root
+
+
+# Segmentation distillation / export: a frozen test_vit segmenter and a test_efficientnet LR-ASPP student.
+SEG_STUDENT = ["task=segment", "student=timm/test_efficientnet", "distill.weights=none", "data.augment.enabled=false"]
+
+
+@pytest.fixture(scope="session")
+def seg_distill_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{"data", "teacher", "student"}: a frozen test_vit segmenter (linear probe on cached patch tokens) and
+    a test_efficientnet student distilled from it (per-pixel KD, cached teacher logits)."""
+    from vfmtune.cli import main
+
+    base = tmp_path_factory.mktemp("seg_distill")
+    data = make_mask_folder(base / "data", n=24)
+    main(["train", *TINY, "task=segment", "trainer.max_epochs=10", f"data.root={data}", f"hydra.run.dir={base / 'teacher'}"])
+    main(["distill", *TINY, *SEG_STUDENT, f"teacher={base / 'teacher'}", "trainer.max_epochs=4", "optim.lr=1e-2",
+          f"hydra.run.dir={base / 'student'}"])
+    return {"data": data, "teacher": base / "teacher", "student": base / "student"}

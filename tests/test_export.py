@@ -161,3 +161,90 @@ def test_runtime__torch_blocked_matches_source_top1(bundles: dict[str, Path], di
         source = module(torch.stack([eval_tf(load_image(p)) for p in images])).argmax(-1).tolist()
     agree = np.mean([model.classes[s] == label for s, label in zip(source, labels)])
     assert agree >= (1.0 if which == "teacher" else 0.9)  # fp32 must agree; the student bundle runs INT8
+
+
+# --- segmentation: the Segmenter teacher and the LR-ASPP student --------------------------------------
+
+@pytest.fixture(scope="module")
+def seg_bundles(seg_distill_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """fp32 bundle of the ViT segmenter and INT8 bundle of the CNN student, through the CLI."""
+    base = tmp_path_factory.mktemp("seg_export")
+    main(["export", f"ckpt={seg_distill_runs['teacher']}", f"hydra.run.dir={base / 'teacher'}"])
+    main(["export", f"ckpt={seg_distill_runs['student']}", "quantize=int8", "export.min_pixel_agreement=0.8",
+          "export.max_miou_drop=0.2", f"hydra.run.dir={base / 'student'}"])
+    return {"teacher": base / "teacher" / "bundle", "student": base / "student" / "bundle"}
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_seg_export__bundle_verified_with_tiling_metadata(seg_bundles: dict[str, Path], which: str) -> None:
+    info = json.loads((seg_bundles[which] / "bundle.json").read_text())
+    m = info["export_metrics"]
+    assert m["max_abs_diff_probs"] <= 1e-4 and m["pixel_agreement"] == 1.0 and m["test_miou"] == pytest.approx(m["test_miou_source"])
+    assert m["latency_ms_b1"] > 0 and m["latency_ms_b8"] > 0
+    assert info["task"] == "segment" and info["class_names"] == ["background", "disc", "square"] and info["input_size"] == [3, 64, 64]
+    assert info["window"] == 48 and info["overlap"] == 0.25 and info["interpolation"] and len(info["palette"]) == 3
+    session = ort.InferenceSession(str(seg_bundles[which] / info["fp32_model"]))
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["task"]) == "segment" and json.loads(meta["window"]) == 48
+    stride = 16 if which == "teacher" else 8  # logits at the model's own resolution: the runtime resizes them once
+    assert session.run(None, {"image": np.zeros((3, 3, 64, 64), np.float32)})[0].shape == (3, 3, 64 // stride, 64 // stride)
+
+
+def test_seg_export__int8_gated_on_pixel_agreement_and_miou_drop(seg_bundles: dict[str, Path], seg_distill_runs: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    m = json.loads((seg_bundles["student"] / "bundle.json").read_text())["export_metrics"]
+    assert m["int8_mode"] == "static" and m["int8_gate_passed"]
+    for key in ("int8_pixel_agreement", "int8_miou_drop", "int8_test_miou", "int8_latency_ms_b1", "int8_speedup_b8"):
+        assert key in m, key
+    with pytest.raises(ExportError, match=r"fails its gate: pixel agreement .*export\.min_pixel_agreement=1\.01.*tried: static\."):
+        export(overrides=[f"ckpt={seg_distill_runs['student']}", "quantize=int8", "export.min_pixel_agreement=1.01"], run_dir=tmp_path)
+    refused = json.loads((tmp_path / "metrics.json").read_text())
+    assert refused["int8_gate_passed"] is False and refused["int8_latency_ms_b8"] > 0
+
+
+SEG_RUNTIME_SCRIPT = """
+import sys
+from pathlib import Path
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+from vfmtune.runtime import main, open_bundle
+bundle, variant, out, images = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:]
+if variant == "cli":
+    main([bundle, *images, "--out", str(out)])
+else:
+    predictor = open_bundle(bundle, variant)
+    for image, mask in zip(images, predictor.predict(images)):
+        predictor.save(mask, out / (Path(image).stem + ".png"))
+assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+"""
+
+
+@pytest.mark.parametrize(("which", "variant", "min_agreement"), [("teacher", "cli", 0.999), ("student", "fp32", 0.999),
+                                                                 ("student", "cli", 0.95)], ids=["teacher", "student_fp32", "student_int8"])
+def test_seg_runtime__torch_blocked_masks_match_torch_tiled(seg_bundles: dict[str, Path], seg_distill_runs: dict[str, Path],
+                                                            tmp_path: Path, which: str, variant: str, min_agreement: float) -> None:
+    from PIL import Image
+
+    from vfmtune.data.images import load_image
+    from vfmtune.data.paired import normalise_transform
+
+    tiles = [np.asarray(Image.open(p)) for p in sorted((seg_distill_runs["data"] / "images").glob("*.png"))[:12]]
+    mosaic = np.concatenate([np.concatenate(tiles[r * 4 : r * 4 + 4], 1) for r in range(3)], 0)  # 144x192: tiled
+    (tmp_path / "in").mkdir()
+    Image.fromarray(mosaic).save(tmp_path / "in" / "mosaic.png")
+    Image.fromarray(mosaic[:40, :150]).save(tmp_path / "in" / "strip.png")  # tiled, the short side reflect-padded
+    Image.fromarray(tiles[0]).save(tmp_path / "in" / "tile.png")  # resized whole
+    images = sorted(str(p) for p in (tmp_path / "in").glob("*.png"))
+    out = subprocess.run([sys.executable, "-c", SEG_RUNTIME_SCRIPT, str(seg_bundles[which]), variant, str(tmp_path / "out"), *images],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                         env={"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    if variant == "cli":
+        assert out.stdout.splitlines()[0] == "path,mask,share_background,share_disc,share_square"
+    model = load_model(seg_distill_runs[which])
+    normalise = normalise_transform(model.data_cfg)
+    for image in images:
+        mask = Image.open(tmp_path / "out" / Path(image).name)
+        assert mask.mode == "P" and mask.size == Image.open(image).size
+        with torch.inference_mode():
+            source = model.predict_image(normalise(load_image(image))[None])[0].argmax(0).numpy()
+        assert np.mean(np.asarray(mask) == source) >= min_agreement, image

@@ -131,3 +131,20 @@ def test_cached_head__checkpoints_name_the_frozen_backbone_until_fit_ends_then_h
     torch.save(stopped, tmp_path / "moved.ckpt")
     with pytest.raises(ValueError, match="frozen backbone had weights"):
         load_model(tmp_path / "moved.ckpt")
+
+
+def test_seg_distill_resume__equals_uninterrupted_run(seg_distill_runs: dict[str, Path], tmp_path: Path) -> None:
+    # Paired augmentation (the teacher runs on every batch) and shuffling: the RNG state must come back too.
+    overrides = [*TINY, "task=segment", "student=timm/test_efficientnet", "distill.weights=none", f"teacher={seg_distill_runs['teacher']}",
+                 "trainer.max_epochs=3", "early_stopping.enabled=false", "sched.warmup_epochs=1"]
+    whole, resumed = Snapshot(), Snapshot()
+    distill(overrides=overrides, run_dir=tmp_path / "whole", callbacks=[whole])
+    distill(overrides=overrides, run_dir=tmp_path / "part", callbacks=[StopAfter(2)])
+    assert torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    distill(overrides=[*overrides, f"ckpt={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}"], run_dir=tmp_path / "resumed",
+            callbacks=[resumed])
+
+    assert [g[1] for g in resumed.groups] == pytest.approx([g[1] for g in whole.groups], rel=1e-9)
+    assert resumed.weights.keys() == whole.weights.keys() and all(k.startswith("student.") for k in whole.weights)
+    for key, value in whole.weights.items():
+        torch.testing.assert_close(resumed.weights[key], value, atol=1e-6, rtol=1e-5, msg=key)

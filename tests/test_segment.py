@@ -18,7 +18,8 @@ from vfmtune.config import SegHead, SegLoss
 from vfmtune.metrics import MaskMetrics
 from vfmtune.seg_losses import SegmentationLoss, soft_dice
 from vfmtune.tasks.seg_heads import LightDecoder, LinearHead, build_seg_head
-from vfmtune.tiling import blend_weights, sliding_window, window_starts
+from vfmtune.tiling import sliding_window
+from vfmtune.windows import blend_weights, window_starts
 
 SEG = [*TINY, "task=segment", "trainer.max_epochs=30"]
 

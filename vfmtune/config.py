@@ -137,6 +137,11 @@ class FeatureLoss(Choice):
     mse = "mse"
 
 
+class DenseKD(Choice):
+    pixel = "pixel"
+    channel = "channel"
+
+
 class StudentWeights(Choice):
     auto = "auto"  # packaged, else hub, else none
     packaged = "packaged"
@@ -403,10 +408,15 @@ class PredictCommand(Config):
 class KDConfig:
     # Hinton et al. 2015 (arXiv:1503.02531): loss = (1 - alpha) * CE(hard labels)
     #   + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + feature_weight * feature loss
+    # Segmentation students: the same per pixel, with segment.loss on labelled pixels in place of CE and
+    # no feature term (vfmtune.tasks.seg_distiller)
     temperature: float = 4.0
     alpha: float = 0.7  # 0: CE only (no teacher needed), 1: teacher only
     feature_weight: float = 0.0  # > 0: student pooled features -> linear projector -> teacher embedding
     feature_loss: FeatureLoss = FeatureLoss.cosine
+    # segmentation: pixel = KL of each pixel's class distribution (Hinton per pixel); channel = KL of each class
+    # map's spatial distribution (channel-wise distillation, Shu et al. 2021, arXiv:2011.13256)
+    dense: DenseKD = DenseKD.pixel
 
 
 @dataclass
@@ -420,8 +430,11 @@ class DistillConfig:
 class DistillCommand(Config):
     """`vfmtune distill teacher=... student=...`."""
 
-    teacher: str | None = None  # a vfmtune classifier checkpoint or run directory
-    student: str = "mobilenetv3_large_100"  # an alias (vfmtune.tasks.distill.STUDENTS) or "timm/<name>"
+    # a vfmtune classifier or segmenter checkpoint or run directory; the student's task follows it
+    teacher: str | None = None
+    # an alias (vfmtune.tasks.distiller.STUDENTS) or "timm/<name>"; segmentation: a CNN (its stride-8 and
+    # deepest feature maps feed an LR-ASPP head, vfmtune.tasks.seg_student)
+    student: str = "mobilenetv3_large_100"
     kd: KDConfig = field(default_factory=KDConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -452,6 +465,8 @@ class ExportConfig:
     int8_keep_first_conv: bool = True
     min_top1_agreement: float = 0.95  # int8 gate: share of test images where int8 and fp32 agree on top-1
     max_accuracy_drop: float = 0.02  # int8 gate: test accuracy drop vs fp32 (0.02 = 2 points)
+    min_pixel_agreement: float = 0.95  # int8 gate (masks): share of test pixels where int8 and fp32 agree
+    max_miou_drop: float = 0.02  # int8 gate (masks): test mIoU drop vs fp32
     latency_repeats: int = 5  # median of this many timed runs per batch size
     output: str | None = None  # bundle folder; default <run dir>/bundle
 

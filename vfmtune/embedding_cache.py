@@ -50,7 +50,8 @@ def weights_digest(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name, t in sorted(tensors.items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): 0-d tensors (BatchNorm's num_batches_tracked) cannot be viewed as bytes; same bytes otherwise
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:20]
 
 

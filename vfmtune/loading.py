@@ -12,7 +12,7 @@ from vfmtune.checkpoint import load_checkpoint
 from vfmtune.config import ConfigError
 from vfmtune.data.images import DataError
 from vfmtune.folds import fold_checkpoints, is_cv_run
-from vfmtune.tasks import get_task
+from vfmtune.tasks import TASKS, get_task
 from vfmtune.tasks.classify import load_adapter_run
 from vfmtune.tasks.ensemble import Ensemble
 
@@ -56,20 +56,22 @@ def model_task(model: nn.Module) -> str:
 
 
 def load_teacher(ckpt: str | None, classes: Sequence[str] | None = None) -> Any:
-    """A frozen vfmtune classifier from `ckpt`, checked to be a classifier over `classes`.
+    """A frozen vfmtune model that `vfmtune distill` can teach from (a classifier or a segmenter: its task
+    names a student task), checked to be over `classes`.
 
     Raises:
-        ConfigError: no path, or the checkpoint is not a classifier (e.g. a distilled student).
+        ConfigError: no path, or the checkpoint's task teaches no student (e.g. a distilled student).
         DataError: its classes differ from the data's.
     """
     if not ckpt:
-        raise ConfigError("This command needs teacher=PATH: a vfmtune classifier checkpoint or run directory.")
+        raise ConfigError("This command needs teacher=PATH: a vfmtune classifier or segmenter checkpoint or run directory.")
     hp = load_checkpoint(ckpt)["hyper_parameters"]
-    task = hp.get("task", "classify")
-    if task != "classify" or "classes" not in hp:
-        raise ConfigError(f"teacher={ckpt} is a {task!r} checkpoint; a teacher must be a classifier trained by "
-                          "`vfmtune train` (frozen, last-blocks, LoRA, ...).")
+    task = str(hp.get("task", "classify"))
+    if task not in TASKS or get_task(task).student is None or "classes" not in hp:
+        teachers = [name for name in TASKS if get_task(name).student]
+        raise ConfigError(f"teacher={ckpt} is a {task!r} checkpoint; a teacher must be a model trained by `vfmtune train` "
+                          f"(tasks {', '.join(teachers)}: frozen, last-blocks, LoRA, ...).")
     if classes is not None and list(hp["classes"]) != list(classes):
         raise DataError(f"teacher={ckpt} was trained on classes {hp['classes']} but the data has {list(classes)}. "
-                        "Fix: distil on data with the teacher's class set (same class folder names).")
+                        "Fix: distil on data with the teacher's class set (same class folders, or classes.txt for masks).")
     return load_model(ckpt).eval().requires_grad_(False)

@@ -1,17 +1,21 @@
 """Run an exported vfmtune bundle with numpy + Pillow + onnxruntime only (no torch, no timm).
 
-The preprocessing re-implements the eval transform recorded in `bundle.json` (torchvision's
-shorter-side `Resize`, `CenterCrop`, `ToTensor`, `Normalize`), so predictions match the source
-model's top-1. This module must never import torch or a vfmtune module that does: edge devices
-ship only the bundle and these three packages.
+Classification bundles: the preprocessing re-implements the eval transform recorded in `bundle.json`
+(torchvision's shorter-side `Resize`, `CenterCrop`, `ToTensor`, `Normalize`), so predictions match the
+source model's top-1. Segmentation bundles (`"task": "segment"`): a mask at each image's own
+resolution, by the plan `vfmtune.tiling` follows (`vfmtune.windows`): the image is normalised at its
+own size, resized whole or per window to the model input (in float, antialiased, as torch resizes it),
+and the logits are resized bilinearly (torch's `align_corners=False` grid) to the pixels they cover
+and blended with the windows' weights. This module must never import torch or a vfmtune module that
+does: edge devices ship only the bundle and these three packages.
 
 Example:
-    >>> from vfmtune.runtime import Predictor
-    >>> predictor = Predictor("runs/export/bundle")
-    >>> predictor.predict(["part_001.jpg"])[0]
+    >>> from vfmtune.runtime import open_bundle
+    >>> open_bundle("runs/export/bundle").predict(["part_001.jpg"])[0]
     {'path': 'part_001.jpg', 'label': 'nominal', 'confidence': 0.97, 'probs': {...}}
+    >>> masks = open_bundle("runs/seg-export/bundle").predict(["tile.png"])  # [H, W] uint8 class ids each
 
-    From a shell: `python -m vfmtune.runtime runs/export/bundle images/*.jpg`
+    From a shell: `python -m vfmtune.runtime runs/export/bundle images/*.jpg [--out masks/]`
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageOps
+
+from vfmtune.windows import blend_weights, plan_windows
 
 ImageLike = str | Path | Image.Image
 _RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "box": Image.BOX,
@@ -73,8 +79,43 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-class Predictor:
-    """A bundle's model in an onnxruntime session, with its preprocessing and class names.
+def normalise(image: ImageLike, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """One image at its own size -> float32 `[3, H, W]`, scaled to [0, 1] and normalised."""
+    x = np.asarray(load_rgb(image), dtype=np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def resize_image(x: np.ndarray, size: int, resample: int) -> np.ndarray:
+    """`[C, H, W]` float32 -> `[C, size, size]`, each channel resized by Pillow in float: the same antialiased
+    filters as torch's `F.interpolate(..., antialias=True)` (to ~1e-6), with no rounding to 8 bits."""
+    if x.shape[1:] == (size, size):
+        return x
+    return np.stack([np.asarray(Image.fromarray(c).resize((size, size), resample), dtype=np.float32) for c in x])
+
+
+def _linear_weights(out: int, size: int) -> np.ndarray:
+    """`[out, size]` matrix of torch's bilinear resize along one axis (`align_corners=False`, no antialias)."""
+    src = np.maximum((np.arange(out, dtype=np.float64) + 0.5) * (size / out) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), size - 1)
+    hi = np.minimum(lo + 1, size - 1)
+    frac = src - lo
+    m = np.zeros((out, size), np.float64)
+    np.add.at(m, (np.arange(out), lo), 1 - frac)
+    np.add.at(m, (np.arange(out), hi), frac)
+    return m.astype(np.float32)
+
+
+def resize_logits(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Logits `[K, h, w]` -> `[K, *size]`, bilinear as torch's `F.interpolate(align_corners=False)`."""
+    if logits.shape[1:] == tuple(size):
+        return logits
+    return np.einsum("hi,kij,wj->khw", _linear_weights(size[0], logits.shape[1]), logits, _linear_weights(size[1], logits.shape[2]),
+                     optimize=True)
+
+
+class _Bundle:
+    """A bundle folder: `bundle.json` and one of its ONNX models in an onnxruntime session.
 
     Args:
         bundle: the bundle folder (holding bundle.json).
@@ -94,12 +135,18 @@ class Predictor:
         self.input_name = self.session.get_inputs()[0].name
         self.classes: list[str] = list(self.info["class_names"])
 
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The model's logits for a batch of preprocessed inputs `[B, 3, S, S]`."""
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+class Predictor(_Bundle):
+    """A classification bundle: images -> class, confidence and every class's probability."""
+
     def logits(self, images: Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
         """Logits [N, C] for images (paths or PIL images)."""
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = np.stack([preprocess(im, self.info["preprocessing"]) for im in images[i : i + batch_size]])
-            out.append(self.session.run(None, {self.input_name: x})[0])
+        out = [self.run(np.stack([preprocess(im, self.info["preprocessing"]) for im in images[i : i + batch_size]]))
+               for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, images: Sequence[ImageLike], batch_size: int = 32) -> list[dict[str, Any]]:
@@ -112,12 +159,85 @@ class Predictor:
         ]
 
 
+class SegmentPredictor(_Bundle):
+    """A segmentation bundle: images -> class-id masks at their own resolution, tiled like the trained model.
+
+    Args:
+        bundle: the bundle folder.
+        variant: "default", "fp32" or "int8".
+        batch_size: windows per model call.
+    """
+
+    def __init__(self, bundle: str | Path, variant: str = "default", batch_size: int = 8) -> None:
+        super().__init__(bundle, variant)
+        info = self.info
+        if info.get("task") != "segment":
+            raise ValueError(f"{self.folder} holds a {info.get('task', 'classify')!r} model, not a segmentation model.")
+        self.size, self.window, self.overlap = int(info["input_size"][-1]), info.get("window"), float(info.get("overlap", 0.25))
+        self.resample = _RESAMPLE[info.get("interpolation", "bilinear")]
+        self.batch_size = batch_size
+        self.palette = [v for rgb in info.get("palette", []) for v in rgb]
+
+    def logits(self, image: ImageLike) -> np.ndarray:
+        """Logits `[K, H, W]` of one image at its own resolution (whole, or in blended windows)."""
+        x = normalise(image, self.info["mean"], self.info["std"])
+        h, w = x.shape[1:]
+        window = int(self.window or max(h, w))
+        plan = plan_windows(h, w, window, self.overlap)
+        if plan is None:
+            return resize_logits(self.run(resize_image(x, self.size, self.resample)[None])[0], (h, w))
+        ph, pw = plan.padded
+        if (ph, pw) != (h, w):  # reflection, as torch's F.pad(mode="reflect")
+            x = np.pad(x, ((0, 0), (0, ph - h), (0, pw - w)), mode="reflect")
+        weight = blend_weights(window)
+        total, norm = np.zeros((len(self.classes), ph, pw), np.float32), np.zeros((ph, pw), np.float32)
+        for i in range(0, len(plan.origins), self.batch_size):
+            chunk = plan.origins[i : i + self.batch_size]
+            crops = np.stack([resize_image(x[:, y : y + window, c : c + window], self.size, self.resample) for y, c in chunk])
+            for (y, c), piece in zip(chunk, self.run(crops)):
+                total[:, y : y + window, c : c + window] += resize_logits(piece, (window, window)) * weight
+                norm[y : y + window, c : c + window] += weight
+        return (total / norm)[:, :h, :w]
+
+    def predict(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
+        """One `[H, W]` uint8 mask of class ids per image."""
+        return [self.logits(im).argmax(0).astype(np.uint8) for im in images]
+
+    def save(self, mask: np.ndarray, path: str | Path) -> Path:
+        """A mask as a palette PNG: class ids as pixel values, shown in the bundle's colours."""
+        png = Image.fromarray(mask, mode="P")
+        png.putpalette(self.palette)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        png.save(path, format="PNG")
+        return Path(path)
+
+
+def open_bundle(bundle: str | Path, variant: str = "default") -> Predictor | SegmentPredictor:
+    """The predictor for a bundle's task: `SegmentPredictor` for segmentation, else `Predictor`."""
+    info_file = Path(bundle) / "bundle.json"
+    task = json.loads(info_file.read_text()).get("task", "classify") if info_file.is_file() else "classify"
+    return (SegmentPredictor if task == "segment" else Predictor)(bundle, variant)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    out = Path("masks")
+    if "--out" in args:
+        i = args.index("--out")
+        out, args = Path(args[i + 1]), args[:i] + args[i + 2 :]
     if len(args) < 2:
-        print("usage: python -m vfmtune.runtime BUNDLE_DIR IMAGE [IMAGE ...]", file=sys.stderr)
+        print("usage: python -m vfmtune.runtime BUNDLE_DIR IMAGE [IMAGE ...] [--out DIR (masks of a segmentation bundle)]",
+              file=sys.stderr)
         raise SystemExit(2)
-    predictor = Predictor(args[0])
+    predictor = open_bundle(args[0])
+    if isinstance(predictor, SegmentPredictor):
+        print(",".join(["path", "mask", *(f"share_{c}" for c in predictor.classes)]))
+        for path in args[1:]:
+            mask = predictor.predict([path])[0]
+            share = np.bincount(mask.reshape(-1), minlength=len(predictor.classes)) / mask.size
+            saved = predictor.save(mask, out / f"{Path(path).stem}.png")
+            print(",".join([path, str(saved), *(f"{v:.6f}" for v in share)]))
+        return
     for row in predictor.predict(args[1:]):
         print(f"{row['path']},{row['label']},{row['confidence']:.4f}")
 

@@ -4,38 +4,18 @@ A model trained on 128 px tiles resized to a 448 px input sees each source pixel
 900x900 aerial image to 448 would show it at 0.5x, far from what the model learnt; instead the image
 is cut into overlapping windows of the training size, each predicted at the model's input size, and
 the logits blended back with weights that fall off towards each window's edge (where context is
-missing), so seams disappear. The window grid and weights are plain numpy, shared with the
-torch-free `vfmtune.runtime`.
+missing), so seams disappear. The plan (whole or tiled, padding, window grid, weights) is plain numpy
+in `vfmtune.windows`, which the torch-free `vfmtune.runtime` follows too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def window_starts(length: int, window: int, overlap: float) -> list[int]:
-    """Start offsets of windows of `window` covering `length`, neighbours overlapping by >= `overlap`.
-
-    Example:
-        >>> window_starts(900, 256, 0.25)
-        [0, 161, 322, 483, 644]
-    """
-    if length <= window:
-        return [0]
-    stride = max(1, int(window * (1 - overlap)))
-    n = int(np.ceil((length - window) / stride)) + 1
-    return [round(i * (length - window) / (n - 1)) for i in range(n)]
-
-
-def blend_weights(window: int) -> np.ndarray:
-    """[window, window] weights: 1 in the centre, falling linearly to 1/window at the edges."""
-    ramp = np.minimum(np.arange(1, window + 1), np.arange(window, 0, -1)) / (window / 2)
-    ramp = np.clip(ramp, 1.0 / window, 1.0)
-    return np.outer(ramp, ramp).astype(np.float32)
+from vfmtune.windows import blend_weights, plan_windows
 
 
 @torch.inference_mode()
@@ -44,7 +24,8 @@ def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], image: torch
     """Logits `[1, K, H, W]` of a normalised image `[1, 3, H, W]` at its own resolution.
 
     Images no larger than 1.5 x `window` on both sides are resized to the model input in one piece (a
-    tile a little larger than the training tiles needs no seams); larger ones are tiled.
+    tile a little larger than the training tiles needs no seams); larger ones are tiled
+    (`vfmtune.windows.plan_windows`).
 
     Args:
         predict: model inputs `[B, 3, size, size]` -> logits `[B, K, h, w]` at any resolution (a head's
@@ -57,13 +38,14 @@ def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], image: torch
         mode: interpolation of the image to the model input (the backbone's, e.g. bicubic for DINOv2).
     """
     _, _, h, w = image.shape
-    if h <= 1.5 * window and w <= 1.5 * window:
+    plan = plan_windows(h, w, window, overlap)
+    if plan is None:
         return F.interpolate(predict(F.interpolate(image, size=(size, size), mode=mode, antialias=True,
                                                    align_corners=False)).float(), size=(h, w), mode="bilinear", align_corners=False)
-    if h < window or w < window:  # one side shorter than a window: pad it (reflection keeps texture)
-        image = F.pad(image, (0, max(0, window - w), 0, max(0, window - h)), mode="reflect")
-    ph, pw = image.shape[-2:]
-    boxes = [(y, x) for y in window_starts(ph, window, overlap) for x in window_starts(pw, window, overlap)]
+    ph, pw = plan.padded
+    if (ph, pw) != (h, w):  # one side shorter than a window: pad it (reflection keeps texture)
+        image = F.pad(image, (0, pw - w, 0, ph - h), mode="reflect")
+    boxes = plan.origins
     weight = torch.from_numpy(blend_weights(window)).to(image.device)
     total, norm = None, torch.zeros(1, 1, ph, pw, device=image.device)
     for i in range(0, len(boxes), batch_size):

@@ -15,7 +15,7 @@ from vfmtune.tasks import get_task
 
 
 def export(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Export `ckpt` (classifier or distilled student) to a verified bundle; `quantize=int8` adds an INT8 model.
+    """Export `ckpt` (classifier, segmenter or distilled student) to a verified bundle; `quantize=int8` adds an INT8 model.
 
     Returns:
         `{"run_dir", "bundle" (folder), "metrics" (verification, accuracy, latency figures)}`.
@@ -25,7 +25,7 @@ def export(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: st
 
     Example:
         >>> r = vfmtune.export(overrides=["ckpt=runs/lite0", "quantize=int8"])
-        >>> vfmtune.runtime.Predictor(r["bundle"]).predict(["part.jpg"])
+        >>> vfmtune.runtime.open_bundle(r["bundle"]).predict(["part.jpg"])
     """
     config = command_config(cfg, overrides, ExportCommand, "export")
     if not config.ckpt:
@@ -35,8 +35,7 @@ def export(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: st
     out = make_run_dir(run_dir, "export")
     model = load_model(config.ckpt)
     task = get_task(model_task(model))
-    module, dcfg = task.inference(model)
     # Verification and calibration images: the model's own data and split.
     trained = dataclasses.replace(model.config, cache_dir=config.cache_dir)
     prepared = task.prepare(trained, out)
-    return {"run_dir": str(out), **export_bundle(module, dcfg, model.classes, prepared, config, out)}
+    return {"run_dir": str(out), **export_bundle(task, model, prepared, config, out)}

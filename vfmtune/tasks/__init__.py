@@ -17,6 +17,7 @@ TASKS: dict[str, str] = {
     "classify": "vfmtune.tasks.classify:ClassifyTask",
     "distill": "vfmtune.tasks.distill:DistillTask",
     "segment": "vfmtune.tasks.segment:SegmentTask",
+    "segment_distill": "vfmtune.tasks.seg_distill:SegDistillTask",
 }
 
 

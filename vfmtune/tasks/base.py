@@ -7,7 +7,7 @@ predicts and exports, and writes its report. Commands never test a task's name; 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,8 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from vfmtune.config import Config
+from vfmtune.config import AugmentConfig, Config
 from vfmtune.data.prepare import Prepared, prepare_data, sample_table
+from vfmtune.data.transforms import build_transforms
 from vfmtune.faults import fault_point
 from vfmtune.metrics import MetricSpec
 
@@ -36,6 +37,32 @@ class Setup:
     backbone_runs: bool = True
 
 
+@dataclass(frozen=True)
+class ExportGate:
+    """How `vfmtune export` judges an exported model, in the terms of the task's metric spec.
+
+    Agreement is the spec's `agreement_metric` scored against the reference model's predictions as
+    targets: "accuracy" against the fp32 model's classes is top-1 agreement, "pixel_accuracy" against its
+    masks is pixel agreement. An INT8 model must reach `export.<min_agreement>` and lose at most
+    `export.<max_drop>` of the spec's `quality` metric on the test split.
+
+    Attributes:
+        agreement: the name reported in metrics.json ("top1_agreement", "pixel_agreement").
+        agreement_metric: the spec's metric that measures it.
+        min_agreement: the `ExportConfig` field holding its threshold.
+        quality: the spec's metric whose drop is gated ("accuracy", "miou").
+        max_drop: the `ExportConfig` field holding the allowed drop.
+        latency_batches: batch sizes timed (batch 1 is what an edge device runs).
+    """
+
+    agreement: str
+    agreement_metric: str
+    min_agreement: str
+    quality: str
+    max_drop: str
+    latency_batches: tuple[int, ...] = (1, 32)
+
+
 class Task:
     """One kind of model. Subclasses set the class attributes and implement the methods.
 
@@ -46,6 +73,8 @@ class Task:
         sections: the config sections it reads besides the shared ones (documentation and checks).
         metrics: how its outputs are scored.
         command: the verb that trains it (`vfmtune train`, or e.g. `vfmtune distill` for students).
+        student: the task that `vfmtune distill` trains from a model of this task (None: not a teacher).
+        export_gate: how its exports are verified and its INT8 models gated.
     """
 
     name: ClassVar[str]
@@ -54,6 +83,9 @@ class Task:
     schema: ClassVar[type[Config]] = Config
     sections: ClassVar[tuple[str, ...]] = ()
     metrics: ClassVar[MetricSpec]
+    student: ClassVar[str | None] = None
+    export_gate: ClassVar[ExportGate] = ExportGate("top1_agreement", "accuracy", "min_top1_agreement", "accuracy",
+                                                   "max_accuracy_drop")
 
     def prepare(self, config: Config, out: Path) -> Prepared:
         """The dataset of `config.data`, scanned and split (the split saved to `out/splits.csv`)."""
@@ -83,6 +115,19 @@ class Task:
     def inference(self, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
         """`(plain nn.Module on normalised images, its timm data config)`: what export and runtime run."""
         raise NotImplementedError(f"task {self.name!r} cannot be exported")
+
+    def export_transform(self, data_cfg: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+        """PIL image -> the normalised model input `[3, S, S]` that export verifies and calibrates on and
+        `vfmtune.runtime` re-implements (classification: the eval resize and centre crop)."""
+        return build_transforms(data_cfg, AugmentConfig(enabled=False))[1]
+
+    def export_targets(self, prepared: Prepared, split: str, classes: Sequence[str]) -> list[torch.Tensor]:
+        """The targets of a split's images, one per image, as `metrics` scores them (class indices)."""
+        return [torch.tensor(y) for y in prepared.subset(split)[1]]
+
+    def export_info(self, model: nn.Module) -> dict[str, Any]:
+        """Entries of bundle.json (and the ONNX metadata) that tell `vfmtune.runtime` how to use the model."""
+        return {"task": "classify"}
 
     def report(self, metrics: dict[str, Any], classes: Sequence[str], out: Path, prefixes: Sequence[str]) -> None:
         """Plots into `out/plots` and the printed results table."""

@@ -128,6 +128,7 @@ class ClassifyTask(Task):
     schema = Config
     sections = ("head", "loss", "resample")
     metrics = ClassMetrics()
+    student = "distill"
 
     def setup(self, config: Config, prepared: Prepared, out: Path, **context: Any) -> Setup:
         counts = train_class_counts(prepared)

@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from vfmtune.adapt.freeze import is_frozen, param_table
 from vfmtune.adapt.progressive import progressive_callback
-from vfmtune.backbones import data_config
 from vfmtune.config import Config, ConfigError, DataConfig, typed
 from vfmtune.data.coco import from_coco
 from vfmtune.data.datamodule import SplitData
@@ -39,8 +38,8 @@ from vfmtune.inference import eval_loader
 from vfmtune.io import atomic_path
 from vfmtune.metrics import MaskMetrics
 from vfmtune.report import overlay, plot_overlays, segmentation_report, voc_palette
-from vfmtune.tasks.base import Setup, Task, TaskModule
-from vfmtune.tasks.segmenter import Segmenter, TiledSegmenter, encode
+from vfmtune.tasks.base import ExportGate, Setup, Task, TaskModule
+from vfmtune.tasks.segmenter import LowResLogits, Segmenter, TiledSegmenter, encode
 
 
 def mask_source(data: DataConfig) -> SegmentationTable:
@@ -80,6 +79,16 @@ def native_sizes(paths: Sequence[str]) -> list[tuple[int, int]]:
     return [oriented_size(p)[::-1] for p in paths]
 
 
+def training_window(prepared: Prepared) -> int:
+    """Source pixels per model input for tiled inference: the training images' median longer side."""
+    return int(median(max(size) for size in native_sizes(prepared.subset("train")[0])))
+
+
+def uniform_eval_sizes(prepared: Prepared) -> bool:
+    """Whether the val / test images share one size (their masks batch together; else batches of 1)."""
+    return len(set(native_sizes([p for p, s in zip(prepared.table.paths, prepared.splits) if s != "train"]))) <= 1
+
+
 class SegmentTask(Task):
     """Backbone + segmentation head -> class per pixel; mIoU, Dice, boundary IoU; tiled inference."""
 
@@ -88,6 +97,8 @@ class SegmentTask(Task):
     schema = Config
     sections = ("segment",)
     metrics = MaskMetrics()
+    student = "segment_distill"
+    export_gate = ExportGate("pixel_agreement", "pixel_accuracy", "min_pixel_agreement", "miou", "max_miou_drop", (1, 8))
 
     def prepare(self, config: Config, out: Path) -> Prepared:
         return prepare_masks(config, out, mask_source(config.data))
@@ -99,13 +110,12 @@ class SegmentTask(Task):
                               "trained as part of the run.")
         table = prepared.table
         train = [i for i, s in enumerate(prepared.splits) if s == "train"]
-        sizes = native_sizes(table.paths)
-        window = int(median(max(sizes[i]) for i in train))
+        window = training_window(prepared)
         model = Segmenter(config, table.classes, class_pixels=prepared.pixel_counts[train].sum(0).tolist(), window=window)
         unfreezing = progressive_callback(config, model)  # validates the schedule before any training
         cached = config.finetune.cache_embeddings and is_frozen(model.backbone) and not model.progressive
         print(param_table(model.backbone, model.head))
-        dcfg = data_config(model.backbone, config.backbone.img_size)
+        dcfg = model.data_cfg
         square = (model.size, model.size)
         k = len(table.classes)
         if cached:
@@ -128,9 +138,8 @@ class SegmentTask(Task):
             else:  # cached training views are fixed; val / test masks stay at their own size
                 datasets[split] = MaskTargets(inputs(ids), masks, table.colours, k, image_transform(dcfg),
                                               size=square if split == "train" else None)
-        uniform = len({sizes[i] for i, s in enumerate(prepared.splits) if s != "train"}) <= 1
         data = SplitData(datasets, batch_size=config.data.batch_size, num_workers=0 if cached else config.data.num_workers,
-                         eval_batch_size=None if uniform else 1)
+                         eval_batch_size=None if uniform_eval_sizes(prepared) else 1)
         if cached and config.data.augment.enabled:
             print("frozen backbone: the head trains on cached token maps of the un-augmented images "
                   "(finetune.cache_embeddings=false trains on augmented images instead)")
@@ -139,7 +148,7 @@ class SegmentTask(Task):
     def after_fit(self, model: TaskModule, out: Path, prepared: Prepared) -> dict[str, Any]:
         split = "test" if "test" in prepared.splits else "val"
         ids = [i for i, s in enumerate(prepared.splits) if s == split][:4]
-        normalise = normalise_transform(data_config(model.backbone, model.config.backbone.img_size))
+        normalise = normalise_transform(model.data_cfg)
         model = model.eval().to(compute_device(model.config))
         rows = []
         for i in ids:
@@ -161,7 +170,7 @@ class SegmentTask(Task):
 
     def evaluation(self, config: Config, model: nn.Module, prepared: Prepared, split: str) -> tuple[nn.Module, DataLoader]:
         paths, masks = prepared.subset(split)
-        normalise = normalise_transform(data_config(model.backbone, model.config.backbone.img_size))
+        normalise = normalise_transform(model.data_cfg)
         dataset = MaskTargets(paths, masks, prepared.table.colours, len(model.classes), normalise)
         return TiledSegmenter(model), eval_loader(dataset, config, batch_size=1)
 
@@ -169,7 +178,7 @@ class SegmentTask(Task):
         """One palette PNG of class ids per image in `out/masks/` (`overlay=true`: a colour overlay in
         `out/overlays/`) and `predictions.csv` (image, mask file, each class's share of pixels). Masks a
         killed run into the same folder already wrote are kept, so a rerun completes the set."""
-        normalise = normalise_transform(data_config(model.backbone, model.config.backbone.img_size))
+        normalise = normalise_transform(model.data_cfg)
         model = model.eval().to(compute_device(config))
         palette = voc_palette().reshape(-1).tolist()
         rows = []
@@ -198,6 +207,25 @@ class SegmentTask(Task):
             writer.writerows(rows)
         print(f"{len(rows)} masks written to {out / 'masks'}")
         return {"predictions": str(csv_path), "masks": str(out / "masks")}
+
+    def inference(self, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+        return LowResLogits(model).eval(), dict(model.data_cfg)
+
+    def export_transform(self, data_cfg: dict[str, Any]) -> Any:
+        return image_transform(data_cfg)  # the whole image resized to the input: no crop would cover a mask
+
+    def export_targets(self, prepared: Prepared, split: str, classes: Sequence[str]) -> list[torch.Tensor]:
+        # uint8 (the exporter scores them as int64 a batch at a time): a split's masks at full resolution
+        return [torch.from_numpy(load_mask(m, num_classes=len(classes), colours=prepared.table.colours))
+                for m in prepared.subset(split)[1]]
+
+    def export_info(self, model: nn.Module) -> dict[str, Any]:
+        """What the runtime needs to tile like `predict_image`: window (source pixels per model input, None:
+        the whole image), overlap, the interpolation to the input, and a palette for mask PNGs."""
+        seg = model.config.segment
+        window = seg.window or model.window
+        return {"task": "segment", "window": int(window) if window else None, "overlap": float(seg.overlap),
+                "interpolation": model.interpolation, "palette": voc_palette(len(model.classes)).tolist()}
 
     def report(self, metrics: dict[str, Any], classes: Sequence[str], out: Path, prefixes: Sequence[str]) -> None:
         segmentation_report(metrics, classes, out, prefixes)

@@ -63,7 +63,7 @@ class Segmenter(AdaptedModule):
         seg = config.segment
         self.backbone = adapted_backbone(config, load_weights)
         self.layers = default_layers(seg.head, seg.layers)
-        dcfg = data_config(self.backbone, config.backbone.img_size)
+        self.data_cfg = dcfg = data_config(self.backbone, config.backbone.img_size)
         self.size, self.interpolation = int(dcfg["input_size"][-1]), str(dcfg.get("interpolation", "bilinear"))
         was_training = self.backbone.training
         with torch.no_grad():
@@ -86,6 +86,10 @@ class Segmenter(AdaptedModule):
         """Images `[B, 3, S, S]` -> the head's input `[B, C, h, w]` (what the patch-token cache stores)."""
         return encode(self.backbone, images, self.layers)
 
+    def low_res(self, images: torch.Tensor) -> torch.Tensor:
+        """Images `[B, 3, S, S]` -> logits at the head's resolution `[B, K, h, w]` (what tiles and exports run)."""
+        return self.head(self.encode(images))
+
     def logits(self, inputs: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """Logits `[B, K, *size]` of images or (with `tokens_input`) of cached token maps."""
         low = self.head(inputs if self.tokens_input else self.encode(inputs))
@@ -94,14 +98,13 @@ class Segmenter(AdaptedModule):
     @override
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images `[B, 3, S, S]` -> logits `[B, K, S, S]` (the exported graph)."""
-        return F.interpolate(self.head(self.encode(images)), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(self.low_res(images), size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def predict_image(self, image: torch.Tensor) -> torch.Tensor:
         """A normalised image `[1, 3, H, W]` at its own size -> logits `[1, K, H, W]`: resized whole when
         it is about the training size, else tiled in overlapping windows (`vfmtune.tiling`)."""
         window = self.config.segment.window or self.window or max(image.shape[-2:])
-        return sliding_window(lambda x: self.head(self.encode(x)), image, self.size, int(window), self.config.segment.overlap,
-                              mode=self.interpolation)
+        return sliding_window(self.low_res, image, self.size, int(window), self.config.segment.overlap, mode=self.interpolation)
 
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -115,6 +118,20 @@ class Segmenter(AdaptedModule):
         x, y = batch
         logits = self.logits(x, y.shape[-2:])
         return logits, y, self.loss_fn(logits, y)
+
+
+class LowResLogits(nn.Module):
+    """Export view of a trained segmenter (or student): images `[B, 3, S, S]` -> logits at the model's own
+    resolution `[B, K, h, w]`. The consumer resizes them once, to the image or window they cover, as
+    `vfmtune.tiling` does, so an exported model and the trained one blend identical logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @override
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.low_res(images)
 
 
 class TiledSegmenter(nn.Module):
