@@ -138,16 +138,18 @@ def embed_images(
     extract: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     kind: str = "pooled",
     label: str = "embeddings",
+    transform: Callable | None = None,
 ) -> torch.Tensor:
     """Features of `paths` through the run's embedding cache (`<cache>/embeddings/<model key>`).
 
-    The eval transform comes from the backbone's timm data config at `config.backbone.img_size`; the
-    key holds the backbone name, its actual weights, that transform and `kind` (what `extract` returns).
+    The transform is the classification eval transform of the backbone's timm data config at
+    `config.backbone.img_size` unless given (segmentation resizes without cropping); the key holds the
+    backbone name, its actual weights, that transform and `kind` (what `extract` returns).
 
     Returns:
         `[len(paths), ...]` float32 on the CPU.
     """
-    _, eval_tf = build_transforms(data_config(backbone, config.backbone.img_size), AugmentConfig(enabled=False))
+    eval_tf = transform or build_transforms(data_config(backbone, config.backbone.img_size), AugmentConfig(enabled=False))[1]
     key = model_key(config.backbone.name, weights_digest(backbone), eval_tf, None if kind == "pooled" else {"kind": kind})
     cache = EmbeddingCache(cache_dir(config.cache_dir) / "embeddings" / key)
     t0 = time.perf_counter()

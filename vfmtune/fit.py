@@ -72,7 +72,7 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
                     **memory.figures, **setup.figures})
     result: dict[str, Any] = {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
     if trainer.is_global_zero:
-        result.update(task.after_fit(model, out))
+        result.update(task.after_fit(model, out, prepared))
         task.report(metrics, prepared.table.classes, out, [s for s in ("val", "test") if s in prepared.splits])
         write_json(out / "metrics.json", metrics)
         print(f"run directory: {out}")

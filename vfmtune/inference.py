@@ -14,10 +14,11 @@ from vfmtune.device import compute_device
 from vfmtune.metrics import MetricSpec
 
 
-def _loader(dataset: Dataset, config: Config) -> DataLoader:
+def eval_loader(dataset: Dataset, config: Config, batch_size: int | None = None) -> DataLoader:
+    """Batches for evaluation or prediction (`batch_size=1` for images of different sizes)."""
     # In-memory features need no worker processes; images are decoded in parallel.
     workers = 0 if isinstance(dataset, torch.utils.data.TensorDataset) else config.data.num_workers
-    return DataLoader(dataset, batch_size=config.data.batch_size, num_workers=workers)
+    return DataLoader(dataset, batch_size=batch_size or config.data.batch_size, num_workers=workers)
 
 
 @torch.inference_mode()
@@ -25,16 +26,16 @@ def run_inference(module: nn.Module, dataset: Dataset, config: Config) -> torch.
     """`module(inputs)` for every `(inputs, target)` of `dataset`, concatenated on the CPU, on the run's device."""
     device = compute_device(config)
     module = module.eval().to(device)
-    outputs = [module(x.to(device)).float().cpu() for x, _ in _loader(dataset, config)]
+    outputs = [module(x.to(device)).float().cpu() for x, _ in eval_loader(dataset, config)]
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
 @torch.inference_mode()
-def score(module: nn.Module, dataset: Dataset, spec: MetricSpec, classes: Sequence[str], prefix: str, config: Config) -> dict[str, Any]:
-    """The metrics of `module` on `dataset`, keyed `<prefix>/<metric>` as in metrics.json."""
+def score(module: nn.Module, loader: DataLoader, spec: MetricSpec, classes: Sequence[str], prefix: str, config: Config) -> dict[str, Any]:
+    """The metrics of `module` on the `(inputs, targets)` batches of `loader`, keyed `<prefix>/<metric>` as in metrics.json."""
     device = compute_device(config)
     module = module.eval().to(device)
     metrics = spec.build(classes).to(device)
-    for x, y in _loader(dataset, config):
+    for x, y in loader:
         spec.update(metrics, module(x.to(device)), y.to(device))
     return spec.results(metrics.compute(), prefix, classes)

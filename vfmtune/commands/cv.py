@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 
 from vfmtune.config import ConfigError, CVCommand
-from vfmtune.data.prepare import Prepared, prepare_data
+from vfmtune.data.prepare import Prepared
 from vfmtune.data.splits import save_splits
 from vfmtune.fit import fit
 from vfmtune.folds import CV_MARKER, aggregate, fold_splits, make_folds, save_folds
@@ -37,7 +37,7 @@ def cv(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: str | 
     if task.name != "classify":
         raise ConfigError(f"cv supports task=classify (stratified folds and a probability ensemble), not task={task.name}.")
     out = start_run(config, run_dir, "cv")
-    prepared = prepare_data(config, out, task.samples(config.data))
+    prepared = task.prepare(config, out)
     table = prepared.table
     folds = make_folds(table.labels, prepared.splits, config.folds, config.data.seed, table.classes)
     save_folds(out / "folds.csv", table.paths, table.labels, table.classes, folds)
@@ -54,8 +54,8 @@ def cv(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: str | 
     metrics: dict[str, Any] = {**aggregate([r["metrics"] for r in results]), "folds": config.folds}
     if "test" in prepared.splits:
         ensemble = load_model(out)
-        module, dataset = task.evaluation(quiet(config), ensemble, prepared, "test")
-        scored = score(module, dataset, task.metrics, table.classes, "test", config)
+        module, batches = task.evaluation(quiet(config), ensemble, prepared, "test")
+        scored = score(module, batches, task.metrics, table.classes, "test", config)
         metrics.update({f"ensemble/{k}": v for k, v in scored.items()})
         task.report(scored, table.classes, out, ("test",))
     write_json(out / "metrics.json", metrics)

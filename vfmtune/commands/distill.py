@@ -10,7 +10,6 @@ from typing import Any
 import lightning as L
 
 from vfmtune.config import DistillCommand, load_config, typed
-from vfmtune.data.prepare import prepare_data
 from vfmtune.fit import fit
 from vfmtune.loading import load_teacher
 from vfmtune.run import ConfigLike, start_run, with_overrides
@@ -51,7 +50,7 @@ def distill(
     out = start_run(config, run_dir, "distill")
     L.seed_everything(config.seed, workers=True, verbose=False)
     task = get_task("distill")
-    prepared = prepare_data(config, out, task.samples(config.data))
+    prepared = task.prepare(config, out)
     load_teacher(config.teacher, prepared.table.classes)  # class check (cheap; weights already loaded once)
     return fit(task, config, prepared, out, callbacks, teacher=teacher)
 

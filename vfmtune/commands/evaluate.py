@@ -9,7 +9,7 @@ from typing import Any
 
 from vfmtune.config import Config, ConfigError, EvaluateCommand, SplitName
 from vfmtune.data.images import DataError
-from vfmtune.data.prepare import Prepared, prepare_data
+from vfmtune.data.prepare import Prepared
 from vfmtune.inference import score
 from vfmtune.io import write_json
 from vfmtune.loading import load_model, model_task
@@ -31,12 +31,12 @@ def evaluate(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: 
     model = load_model(config.ckpt)
     task = get_task(model_task(model))
     run_cfg = trained_run_config(model.config, config, overrides)
-    prepared = align_classes(prepare_data(run_cfg, out, task.samples(run_cfg.data)), model.classes)
+    prepared = align_classes(task.prepare(run_cfg, out), model.classes)
     split = str(config.split)
     if config.split != SplitName.all and split not in prepared.splits:
         raise DataError(f"The {split} split of this data is empty; use split=all to evaluate every image.")
-    module, dataset = task.evaluation(run_cfg, model, prepared, split)
-    metrics = score(module, dataset, task.metrics, model.classes, split, run_cfg)
+    module, batches = task.evaluation(run_cfg, model, prepared, split)
+    metrics = score(module, batches, task.metrics, model.classes, split, run_cfg)
     metrics["checkpoint"] = str(config.ckpt)
     task.report(metrics, model.classes, out, [split])
     write_json(out / "metrics.json", metrics)
@@ -51,9 +51,16 @@ def trained_run_config(trained: Config, config: Config, overrides: Sequence[str]
 
 
 def align_classes(prepared: Prepared, classes: Sequence[str]) -> Prepared:
-    """Re-index the data's labels to the model's classes (new data may hold a subset of them)."""
+    """Re-index the data's labels to the model's classes (new data may hold a subset of them); mask
+    values are class ids already, so masks only need to stay within the model's classes."""
     table = prepared.table
     if table.classes == list(classes):
+        return prepared
+    if table.masks is not None:
+        if len(table.classes) > len(classes):
+            raise DataError(f"The masks hold class ids up to {len(table.classes) - 1} but the checkpoint knows "
+                            f"{len(classes)} classes {list(classes)}.")
+        table.classes = list(classes)
         return prepared
     unknown = sorted(set(table.classes) - set(classes))
     if unknown:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from vfmtune.config import ConfigError, ExportCommand, ExportFormat
-from vfmtune.data.prepare import prepare_data
 from vfmtune.exporter import export_bundle
 from vfmtune.loading import load_model, model_task
 from vfmtune.run import ConfigLike, command_config, make_run_dir
@@ -39,5 +38,5 @@ def export(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: st
     module, dcfg = task.inference(model)
     # Verification and calibration images: the model's own data and split.
     trained = dataclasses.replace(model.config, cache_dir=config.cache_dir)
-    prepared = prepare_data(trained, out, task.samples(trained.data))
+    prepared = task.prepare(trained, out)
     return {"run_dir": str(out), **export_bundle(module, dcfg, model.classes, prepared, config, out)}

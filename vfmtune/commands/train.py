@@ -9,7 +9,6 @@ from typing import Any
 import lightning as L
 
 from vfmtune.config import Config, ConfigError
-from vfmtune.data.prepare import prepare_data
 from vfmtune.fit import fit
 from vfmtune.run import ConfigLike, command_config, start_run
 from vfmtune.tasks import get_task
@@ -47,4 +46,4 @@ def train(
         raise ConfigError(f"task={task.name} is trained by `vfmtune {task.command}`, not `vfmtune train`.")
     out = start_run(config, run_dir, "train")
     L.seed_everything(config.seed, workers=True, verbose=False)
-    return fit(task, config, prepare_data(config, out, task.samples(config.data)), out, callbacks)
+    return fit(task, config, task.prepare(config, out), out, callbacks)

@@ -35,6 +35,7 @@ class SplitData(L.LightningDataModule):
         batch_size: per-process batch size.
         num_workers: loader worker processes (0 for in-memory embeddings).
         train_sampler: optional sampler for the training split (e.g. class-balanced).
+        eval_batch_size: for val / test / predict when it must differ (1: images of different sizes).
     """
 
     def __init__(
@@ -43,18 +44,20 @@ class SplitData(L.LightningDataModule):
         batch_size: int,
         num_workers: int = 0,
         train_sampler: Sampler | None = None,
+        eval_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.datasets = datasets
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_sampler = train_sampler
+        self.eval_batch_size = eval_batch_size
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size if train or self.eval_batch_size is None else self.eval_batch_size,
             shuffle=train and self.train_sampler is None,
             sampler=self.train_sampler if train else None,
             num_workers=self.num_workers,

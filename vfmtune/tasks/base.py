@@ -15,12 +15,11 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from vfmtune.config import Config, DataConfig
-from vfmtune.data.prepare import Prepared, sample_table
-from vfmtune.data.sources import SampleTable
+from vfmtune.config import Config
+from vfmtune.data.prepare import Prepared, prepare_data, sample_table
 from vfmtune.metrics import MetricSpec
 
 
@@ -53,24 +52,25 @@ class Task:
     sections: ClassVar[tuple[str, ...]] = ()
     metrics: ClassVar[MetricSpec]
 
-    def samples(self, data: DataConfig) -> SampleTable:
-        """The dataset's samples (paths, targets, classes) from the `data` section."""
-        return sample_table(data)
+    def prepare(self, config: Config, out: Path) -> Prepared:
+        """The dataset of `config.data`, scanned and split (the split saved to `out/splits.csv`)."""
+        return prepare_data(config, out, sample_table(config.data))
 
     def setup(self, config: Config, prepared: Prepared, out: Path, **context: Any) -> Setup:
         """The LightningModule and data that `fit` trains (context: e.g. the distillation teacher)."""
         raise NotImplementedError
 
-    def after_fit(self, model: TaskModule, out: Path) -> dict[str, Any]:
-        """Anything written after training besides checkpoints (rank 0 only); entries for the result dict."""
+    def after_fit(self, model: TaskModule, out: Path, prepared: Prepared) -> dict[str, Any]:
+        """Anything written after training besides checkpoints (rank 0, best weights loaded): adapters,
+        example predictions...; entries for the result dict."""
         return {}
 
     def load(self, checkpoint: dict[str, Any]) -> nn.Module:
         """The trained model from a checkpoint loaded with weights_only=True, in eval mode."""
         raise NotImplementedError
 
-    def evaluation(self, config: Config, model: nn.Module, prepared: Prepared, split: str) -> tuple[nn.Module, Dataset]:
-        """`(module, dataset)` whose outputs on the dataset's inputs are scored by `metrics`."""
+    def evaluation(self, config: Config, model: nn.Module, prepared: Prepared, split: str) -> tuple[nn.Module, DataLoader]:
+        """`(module, batches)`: the module's outputs on the batches' inputs are scored by `metrics`."""
         raise NotImplementedError
 
     def predict(self, model: nn.Module, paths: Sequence[str], config: Config, out: Path) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from vfmtune.adapt.freeze import is_frozen, param_table
 from vfmtune.adapt.head_init import init_head_from
@@ -26,7 +26,7 @@ from vfmtune.data.datamodule import ImageDataset, SplitData
 from vfmtune.data.prepare import Prepared, train_class_counts
 from vfmtune.data.transforms import build_transforms
 from vfmtune.embedding_cache import embed_images
-from vfmtune.inference import run_inference
+from vfmtune.inference import eval_loader, run_inference
 from vfmtune.io import atomic_path
 from vfmtune.metrics import ClassMetrics
 from vfmtune.report import classification_report
@@ -109,7 +109,7 @@ class ClassifyTask(Task):
                          train_sampler=build_sampler(config.data.sampler, train_labels, config.seed))
         return Setup(model, data, callbacks=[unfreezing] if unfreezing else [])
 
-    def after_fit(self, model: TaskModule, out: Path) -> dict[str, Any]:
+    def after_fit(self, model: TaskModule, out: Path, prepared: Prepared) -> dict[str, Any]:
         if model.config.finetune.mode != FinetuneMode.lora:
             return {}
         # The best weights are loaded by validate/test in fit; ship them as a small adapter.
@@ -125,14 +125,14 @@ class ClassifyTask(Task):
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval()
 
-    def evaluation(self, config: Config, model: nn.Module, prepared: Prepared, split: str) -> tuple[nn.Module, Dataset]:
+    def evaluation(self, config: Config, model: nn.Module, prepared: Prepared, split: str) -> tuple[nn.Module, DataLoader]:
         if isinstance(model, Ensemble):
             cached = model.head is not None and config.finetune.cache_embeddings
         else:
             cached = uses_cache(model.config, model) and model.config.finetune.mode == FinetuneMode.frozen
         if cached:
-            return model.head, class_inputs(config, model, prepared, [split], cached=True)[split]
-        return model, ImageDataset(*prepared.subset(split), eval_transform(model))
+            return model.head, eval_loader(class_inputs(config, model, prepared, [split], cached=True)[split], config)
+        return model, eval_loader(ImageDataset(*prepared.subset(split), eval_transform(model)), config)
 
     def predict(self, model: nn.Module, paths: Sequence[str], config: Config, out: Path) -> dict[str, Any]:
         return self.write_predictions(model, ImageDataset(paths, [0] * len(paths), eval_transform(model)), config, out)

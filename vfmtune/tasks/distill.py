@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from vfmtune.config import AugmentConfig, DistillCommand, typed
 from vfmtune.data.datamodule import ImageDataset, SplitData
@@ -24,6 +24,7 @@ from vfmtune.data.images import DataError
 from vfmtune.data.prepare import Prepared, list_images, scan_or_skip
 from vfmtune.data.transforms import build_transforms
 from vfmtune.embedding_cache import embed_images, file_digest
+from vfmtune.inference import eval_loader
 from vfmtune.metrics import ClassMetrics
 from vfmtune.report import classification_report
 from vfmtune.tasks.base import Setup, Task
@@ -114,8 +115,8 @@ class DistillTask(Task):
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval()
 
-    def evaluation(self, config: DistillCommand, model: nn.Module, prepared: Prepared, split: str) -> tuple[nn.Module, Dataset]:
-        return model, ImageDataset(*prepared.subset(split), student_transform(model))
+    def evaluation(self, config: DistillCommand, model: nn.Module, prepared: Prepared, split: str) -> tuple[nn.Module, DataLoader]:
+        return model, eval_loader(ImageDataset(*prepared.subset(split), student_transform(model)), config)
 
     def predict(self, model: nn.Module, paths: Sequence[str], config: DistillCommand, out: Path) -> dict[str, Any]:
         return ClassifyTask.write_predictions(model, ImageDataset(paths, [0] * len(paths), student_transform(model)), config, out)
