@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load lazily below
     from vfmtune.backbones import ALIASES, create_backbone
+    from vfmtune.commands.auto_mask import auto_mask
     from vfmtune.commands.cv import cv
     from vfmtune.commands.distill import distill
     from vfmtune.commands.embed import embed
@@ -24,12 +25,14 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from vfmtune.commands.merge import export_merged
     from vfmtune.commands.predict import predict
     from vfmtune.commands.pseudo_label import pseudo_label
+    from vfmtune.commands.synth import synth
     from vfmtune.commands.train import train
     from vfmtune.config import Config, ConfigError, load_config
     from vfmtune.loading import load_model
 
 _PUBLIC = {
     "ALIASES": "vfmtune.backbones",
+    "auto_mask": "vfmtune.commands.auto_mask",
     "Config": "vfmtune.config",
     "ConfigError": "vfmtune.config",
     "create_backbone": "vfmtune.backbones",
@@ -43,11 +46,12 @@ _PUBLIC = {
     "load_model": "vfmtune.loading",
     "predict": "vfmtune.commands.predict",
     "pseudo_label": "vfmtune.commands.pseudo_label",
+    "synth": "vfmtune.commands.synth",
     "train": "vfmtune.commands.train",
 }
 __all__ = [
-    "ALIASES", "Config", "ConfigError", "create_backbone", "cv", "distill", "embed", "evaluate", "export", "export_merged",
-    "load_config", "load_model", "predict", "pseudo_label", "train",
+    "ALIASES", "Config", "ConfigError", "auto_mask", "create_backbone", "cv", "distill", "embed", "evaluate", "export",
+    "export_merged", "load_config", "load_model", "predict", "pseudo_label", "synth", "train",
 ]
 __version__ = "0.1.0"
 

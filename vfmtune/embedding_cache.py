@@ -48,7 +48,7 @@ def weights_digest(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name, t in sorted(tensors.items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-d buffers too
     return h.hexdigest()[:20]
 
 

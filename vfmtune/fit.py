@@ -69,6 +69,8 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
             run(model, datamodule=data, ckpt_path=best, verbose=False)
             metrics.update(model.eval_results[split])
     metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2),
+                    # every report says how much of the training data was made, not collected (data.synthetic)
+                    "train_images": prepared.splits.count("train"), "train_images_synthetic": prepared.synthetic,
                     **memory.figures, **setup.figures})
     result: dict[str, Any] = {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
     if trainer.is_global_zero:

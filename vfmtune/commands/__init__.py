@@ -36,6 +36,10 @@ COMMANDS: dict[str, Command] = {
                             "vfmtune pseudo-label teacher=RUN_DIR images=DIR pseudo_label.threshold=0.9"),
     "export": Command("vfmtune.commands.export:export", "export", "verified ONNX/TorchScript bundle",
                       "vfmtune export ckpt=RUN_DIR format=onnx quantize=int8"),
+    "auto-mask": Command("vfmtune.commands.auto_mask:auto_mask", "auto_mask", "SAM: boxes / clicks -> masks, COCO",
+                         "vfmtune auto-mask model=mobile_sam images=DIR boxes=boxes.csv"),
+    "synth": Command("vfmtune.commands.synth:synth", "synth", "cut-paste scenes with masks, COCO",
+                     "vfmtune synth objects=RUN n=200"),
 }
 
 

@@ -16,6 +16,7 @@ from vfmtune.tasks.base import Task
 TASKS: dict[str, str] = {
     "classify": "vfmtune.tasks.classify:ClassifyTask",
     "distill": "vfmtune.tasks.distill:DistillTask",
+    "sam_prompt": "vfmtune.tasks.sam_prompt:SamPromptTask",
 }
 
 

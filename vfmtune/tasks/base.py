@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from vfmtune.config import Config
+from vfmtune.config import Config, ConfigError, ExportCommand
 from vfmtune.data.prepare import Prepared, prepare_data, sample_table
 from vfmtune.metrics import MetricSpec
 
@@ -54,6 +54,9 @@ class Task:
 
     def prepare(self, config: Config, out: Path) -> Prepared:
         """The dataset of `config.data`, scanned and split (the split saved to `out/splits.csv`)."""
+        if config.data.synthetic:
+            raise ConfigError(f"data.synthetic adds image/mask scenes to a mask task's training split (sam_prompt, segment); "
+                              f"task={self.name} cannot use them.")
         return prepare_data(config, out, sample_table(config.data))
 
     def setup(self, config: Config, prepared: Prepared, out: Path, **context: Any) -> Setup:
@@ -80,6 +83,22 @@ class Task:
     def inference(self, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
         """`(plain nn.Module on normalised images, its timm data config)`: what export and runtime run."""
         raise NotImplementedError(f"task {self.name!r} cannot be exported")
+
+    def export(self, model: nn.Module | None, config: ExportCommand, out: Path) -> dict[str, Any]:
+        """`vfmtune export`: a verified bundle of `model` (None: no ckpt given) in `out`; entries for the result dict.
+
+        The default exports `inference(model)` as one ONNX / TorchScript graph, verified on the model's own data.
+        """
+        import dataclasses
+
+        from vfmtune.exporter import export_bundle
+
+        if model is None:
+            raise ConfigError("export needs ckpt=PATH (a checkpoint file or run directory).")
+        module, dcfg = self.inference(model)
+        # Verification and calibration images: the model's own data and split.
+        trained = dataclasses.replace(model.config, cache_dir=config.cache_dir)
+        return export_bundle(module, dcfg, model.classes, self.prepare(trained, out), config, out)
 
     def report(self, metrics: dict[str, Any], classes: Sequence[str], out: Path, prefixes: Sequence[str]) -> None:
         """Plots into `out/plots` and the printed results table."""
