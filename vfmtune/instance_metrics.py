@@ -17,12 +17,19 @@ and auto-mask outputs against ground truth (`vfmtune evaluate predictions=DIR`):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.detection import MeanAveragePrecision, PanopticQuality
+
+from vfmtune.config import DataConfig
+from vfmtune.data.images import DataError
 
 
 class InstanceIoU(Metric):
@@ -142,3 +149,56 @@ def _ap(value: torch.Tensor) -> float | None:
     """COCO AP, or None where pycocotools reports -1 (no ground truth of that kind)."""
     v = float(value)
     return None if v < 0 else v
+
+
+def score_predictions(predictions: str | Path, data: DataConfig, cache: str | Path, prefix: str = "all") -> dict[str, Any]:
+    """Score an auto-mask output folder (its ``annotations.json``) against the instances of ``data``.
+
+    Images pair by file name (stem); classes by name. Predictions of everything mode (one class, ``object``)
+    are scored class-agnostically: every ground-truth instance counts as an ``object``.
+
+    Raises:
+        DataError: No annotations.json, predicted images or classes the ground truth does not have, or
+            masks whose size differs from their ground truth's.
+    """
+    from vfmtune.data.coco import _decode
+    from vfmtune.data.instances import instance_source, load_instances
+
+    folder = Path(predictions).expanduser()
+    file = folder / "annotations.json" if folder.is_dir() else folder
+    if not file.is_file():
+        raise DataError.for_file(file, "no auto-mask annotations.json here", "pass the output folder of a finished `vfmtune auto-mask`")
+    pred = json.loads(file.read_text())
+    table, refs = instance_source(data, cache)
+    gt_classes = table.classes or ["background", *sorted({str(i) for i in range(1, 256)})]
+    names = {int(c["id"]): str(c["name"]) for c in pred.get("categories", [])}
+    agnostic = sorted(set(names.values())) == ["object"]
+    classes = ["background", "object"] if agnostic else list(gt_classes)
+    unknown = sorted(set(names.values()) - set(classes))
+    if unknown:
+        raise DataError.for_file(file, f"predicted classes {unknown} are not among the ground truth's {classes[1:]}",
+                                 "label with the ground truth's class names")
+    by_stem = {Path(p).stem: r for p, r in zip(table.paths, refs)}
+    spec = InstanceMetrics()
+    metrics = spec.build(classes)
+    anns: dict[int, list[dict[str, Any]]] = {}
+    for a in pred.get("annotations", []):
+        anns.setdefault(int(a["image_id"]), []).append(a)
+    missing = [im["file_name"] for im in pred.get("images", []) if Path(im["file_name"]).stem not in by_stem]
+    if missing:
+        raise DataError.for_file(file, f"{len(missing)} predicted images have no ground truth (e.g. {missing[:3]})",
+                                 "point data.* at the ground truth of the same images")
+    for im in pred.get("images", []):
+        ref = by_stem[Path(im["file_name"]).stem]
+        h, w = int(im["height"]), int(im["width"])
+        truth = load_instances(ref, (w, h), len(gt_classes))[0]
+        masks = [torch.from_numpy(_decode(a["segmentation"], h, w)) for a in anns.get(int(im["id"]), [])]
+        labels = [1 if agnostic else classes.index(names[int(a["category_id"])]) for a in anns.get(int(im["id"]), [])]
+        scores = [float(a.get("score", 1.0)) for a in anns.get(int(im["id"]), [])]
+        out = {"masks": torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool),
+               "scores": torch.tensor(scores), "labels": torch.tensor(labels, dtype=torch.long)}
+        gt_masks = torch.from_numpy(np.stack([i.mask for i in truth])) if truth else torch.zeros(0, h, w, dtype=torch.bool)
+        gt_labels = torch.tensor([1 if agnostic else i.class_index for i in truth], dtype=torch.long)
+        spec.update(metrics, [out], [SimpleNamespace(masks=gt_masks, labels=gt_labels)])
+    results = spec.results(metrics.compute(), prefix, classes)
+    return {**results, "predictions": str(file), "images_scored": len(pred.get("images", [])), "class_agnostic": agnostic}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,9 @@ def export_sam_onnx(sam: Sam, folder: Path, multimask: bool, opset: int = 17) ->
     embed = (sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size)
     low = int(sam.prompt_encoder.mask_input_size[0])
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # TinyViT's padding checks and the decoder's scale constants are fixed for a fixed input size: expected.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(_Encoder(sam), (torch.randn(1, 3, size, size),), str(folder / "encoder.onnx"), input_names=["image"],
                               output_names=["image_embeddings"], opset_version=opset, dynamo=False)
             # One prompt per run, as Meta's export: the decoder repeats the embedding per prompt with a count the
