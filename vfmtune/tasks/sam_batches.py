@@ -20,6 +20,7 @@ from typing_extensions import override
 from vfmtune.data.datamodule import SplitData
 from vfmtune.data.images import load_image
 from vfmtune.data.instances import load_instances
+from vfmtune.data.masks import oriented_size
 from vfmtune.sam.embeddings import SamImageTransform
 from vfmtune.sam.prompts import boxes_from_masks
 
@@ -106,9 +107,10 @@ class InstanceImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]], InstanceTarget]:
-        image = load_image(self.paths[i])
-        instances, _ = load_instances(self.refs[i], image.size, self.num_classes, self.min_area)
-        h, w = image.size[1], image.size[0]
+        # With a cached embedding only the image's size is needed: its header, not its pixels.
+        image = load_image(self.paths[i]) if self.embeddings is None else None
+        w, h = image.size if image is not None else oriented_size(self.paths[i])
+        instances, _ = load_instances(self.refs[i], (w, h), self.num_classes, self.min_area)
         masks = torch.from_numpy(np.stack([inst.mask for inst in instances])) if instances else torch.zeros(0, h, w, dtype=torch.bool)
         labels = torch.tensor([inst.class_index for inst in instances], dtype=torch.long)
         x = self.embeddings[i] if self.embeddings is not None else self.transform(image)
