@@ -128,3 +128,60 @@ def seg_distill_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     main(["distill", *TINY, *SEG_STUDENT, f"teacher={base / 'teacher'}", "trainer.max_epochs=4", "optim.lr=1e-2",
           f"hydra.run.dir={base / 'student'}"])
     return {"data": data, "teacher": base / "teacher", "student": base / "student"}
+
+
+# SAM tasks and commands (issue 13): images with a few elliptic objects of two classes, in the layouts
+# vfmtune.data.instances reads (masks/ class maps, instances/ 16-bit ids, annotations.json COCO RLE).
+SAM_TINY = ["sam.model=test_sam_tinyvit", "data.num_workers=0", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+            "trainer.accelerator=cpu", "data.batch_size=4", "sam.prompts_per_image=4"]
+
+
+def make_instance_data(root: Path, n: int = 12, seed: int = 0, size: tuple[int, int] = (72, 96), coco: bool = False) -> Path:
+    """`root/images`, `root/masks` (0 background, 1 red, 2 green), `root/instances` (uint16 ids) and `classes.txt`;
+    with `coco`, also `annotations.json` (RLE). Every image holds 1-3 non-overlapping ellipses."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for sub in ("images", "masks", "instances"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    yy, xx = np.ogrid[:h, :w]
+    for i in range(n):
+        pixels = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
+        classes, ids = np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint16)
+        for k, (cy, cx) in enumerate(((18, 22), (50, 40), (30, 72))[: 1 + i % 3], start=1):
+            c = 1 + (i + k) % 2
+            ry, rx = rng.integers(6, 10, 2)
+            m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+            pixels[m] = (210, 50, 50) if c == 1 else (50, 210, 50)
+            classes[m], ids[m] = c, k
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": c, "iscrowd": 0,
+                                "segmentation": {"size": [h, w], "counts": rle["counts"].decode()},
+                                "area": int(m.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
+        Image.fromarray(pixels).save(root / "images" / f"im{i:02d}.png")
+        Image.fromarray(classes).save(root / "masks" / f"im{i:02d}.png")
+        Image.fromarray(ids).save(root / "instances" / f"im{i:02d}.png")
+        images.append({"id": i + 1, "file_name": f"images/im{i:02d}.png", "height": h, "width": w})
+    (root / "classes.txt").write_text("background\nred\ngreen\n")
+    if coco:
+        import json
+
+        categories = [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]
+        (root / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def sam_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{"data", "run", "cache"}: one tiny frozen-encoder task=sam_prompt run (cached embeddings), shared by the SAM tests."""
+    from vfmtune.cli import main
+
+    base = tmp_path_factory.mktemp("sam")
+    cache = base / "cache"
+    data = make_instance_data(base / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VFMTUNE_CACHE", str(cache))
+        main(["train", "task=sam_prompt", *SAM_TINY, f"data.root={data}", f"hydra.run.dir={base / 'run'}"])
+    return {"data": data, "run": base / "run", "cache": cache}

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from vfmtune.config import ConfigError, config_dirs, load_config, safe_instantiate, to_container, typed
 from vfmtune.tasks.classifier import Classifier
 from vfmtune.tasks.distiller import Distiller
+from vfmtune.tasks.sam_prompter import SamPrompter
 
 CONF, BASE = config_dirs()
 GROUP_FILES = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
@@ -36,6 +37,10 @@ def test_group_option__composes_and_builds(group: str, option: str, tmp_path: Pa
         config["backbone"]["weights"] = "none"
     else:
         config["backbone"].update(name="timm/test_vit", weights="none", img_size=64)
+    if group == "model" or config["task"] == "sam_prompt":  # SAM models: the tiny one stands in for the named one
+        config["sam"].update(model="test_sam_tinyvit", weights=None)
+        assert SamPrompter(config, ["background", "a"]).sam.image_encoder.img_size == 128
+        return
     model = Classifier(config, ["a", "b"])
     assert model.head[-1].out_features == 2
 
@@ -48,7 +53,10 @@ def test_recipe__composes_builds_and_starts_with_its_command(recipe: str) -> Non
     command = text[1].split()[2]  # the recipe composes with its own command's schema
     config = to_container(load_config(f"recipes={recipe}", command=command))
     config["backbone"].update(name="timm/test_vit", weights="none", img_size=64)
-    if command == "distill":
+    if config["task"] == "sam_prompt":
+        config["sam"].update(model="test_sam_tinyvit", weights=None)
+        SamPrompter(config, ["background", "a"])
+    elif command == "distill":
         config["distill"]["weights"] = "none"
         model = Distiller(config, ["a", "b", "c"], teacher_info={"dim": 64, "img_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3})
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)

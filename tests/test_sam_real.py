@@ -193,3 +193,36 @@ def test_wrong_family__real_checkpoint_names_both(weights: Callable, model: str,
     path = weights(checkpoint_of)
     with pytest.raises(WeightsError, match=rf"{path.name} holds {checkpoint_of} weights, but the model is {model}"):
         create_sam(model, weights="file", path=path)
+
+
+def test_auto_mask__mobile_sam_labels_the_quokka_from_a_csv_box(weights: Callable, quokka: tuple, tmp_path: Path) -> None:
+    from vfmtune.commands.auto_mask import auto_mask
+
+    image, polygon, box = quokka
+    (tmp_path / "images").mkdir()
+    Image.fromarray(image).save(tmp_path / "images" / "quokka.png")
+    (tmp_path / "boxes.csv").write_text("image,x0,y0,x1,y1,label\nquokka.png," + ",".join(map(str, box)) + ",quokka\n")
+    out = tmp_path / "labels"
+    auto_mask(overrides=["model=mobile_sam", "sam.weights=file", f"sam.path={weights('mobile_sam')}", f"images={tmp_path / 'images'}",
+                         f"boxes={tmp_path / 'boxes.csv'}", f"output={out}", "trainer.enable_progress_bar=false"], run_dir=tmp_path / "r")
+    mask = np.asarray(Image.open(out / "masks" / "quokka.png")) == 1
+    assert _iou(mask, polygon) >= MIN_IOU["mobile_sam"]
+    coco = json.loads((out / "annotations.json").read_text())
+    assert coco["annotations"][0]["score"] > 0.9 and coco["categories"] == [{"id": 1, "name": "quokka"}]
+
+
+@pytest.mark.slow
+def test_onnx_export__mobile_sam_bundle_matches_torch_on_the_quokka(weights: Callable, quokka: tuple, tmp_path: Path) -> None:
+    from vfmtune.runtime import SamPredictor
+    from vfmtune.sam.export import export_sam_onnx, verify_sam_export
+
+    image, polygon, box = quokka
+    Image.fromarray(image).save(tmp_path / "quokka.png")
+    sam = create_sam("mobile_sam", weights="file", path=weights("mobile_sam"))
+    info = export_sam_onnx(sam, tmp_path / "bundle", multimask=False)
+    (tmp_path / "bundle" / "bundle.json").write_text(json.dumps(info))
+    figures = verify_sam_export(sam, tmp_path / "bundle", [(str(tmp_path / "quokka.png"), np.array([box]))], multimask=False,
+                                min_mask_iou=0.99, repeats=1)
+    assert figures["mask_iou_min"] >= 0.99 and figures["embedding_max_abs_diff"] < 1e-3
+    out = SamPredictor(tmp_path / "bundle").predict(str(tmp_path / "quokka.png"), boxes=[box])  # numpy + onnxruntime only
+    assert _iou(out["masks"][0], polygon) >= MIN_IOU["mobile_sam"]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load lazily below
     from vfmtune.backbones import ALIASES, create_backbone
     from vfmtune.commands.adapt import adapt_model
+    from vfmtune.commands.auto_mask import auto_mask
     from vfmtune.commands.cache import cache
     from vfmtune.commands.cv import cv
     from vfmtune.commands.distill import distill
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from vfmtune.commands.predict import predict
     from vfmtune.commands.pseudo_label import pseudo_label
     from vfmtune.commands.shift import shift
+    from vfmtune.commands.synth import synth
     from vfmtune.commands.train import train
     from vfmtune.config import Config, ConfigError, load_config
     from vfmtune.loading import load_model
@@ -34,6 +36,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
 _PUBLIC = {
     "ALIASES": "vfmtune.backbones",
     "adapt_model": "vfmtune.commands.adapt",
+    "auto_mask": "vfmtune.commands.auto_mask",
     "Config": "vfmtune.config",
     "ConfigError": "vfmtune.config",
     "cache": "vfmtune.commands.cache",
@@ -49,6 +52,7 @@ _PUBLIC = {
     "predict": "vfmtune.commands.predict",
     "pseudo_label": "vfmtune.commands.pseudo_label",
     "shift": "vfmtune.commands.shift",
+    "synth": "vfmtune.commands.synth",
     "train": "vfmtune.commands.train",
 }
 __all__ = [
@@ -56,6 +60,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "adapt_model",
+    "auto_mask",
     "cache",
     "create_backbone",
     "cv",
@@ -69,6 +74,7 @@ __all__ = [
     "predict",
     "pseudo_label",
     "shift",
+    "synth",
     "train",
 ]
 __version__ = "0.1.0"

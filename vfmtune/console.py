@@ -16,6 +16,7 @@ _LIBRARY_NOISE = (
     r".*is smaller than the logging interval.*",  # tiny epochs: nothing to fix, logs are per epoch anyway
     r".*does not have many workers.*",  # cached embeddings are in memory: workers would only slow them
     r".*`torch.jit.(load|trace|save)` is deprecated.*",  # TorchScript export is what the user asked for
+    r".*module\(s\) in eval mode at the start of training.*",  # frozen encoders stay in eval mode on purpose
 )
 
 

@@ -80,7 +80,10 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
         metrics.update(score_target(task, model, config))
     metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2),
                     "precision": str(precision.precision), "precision_reason": precision.reason,
-                    "trainer_precision": train_precision, "trainer_precision_reason": why, **memory.figures, **setup.figures})
+                    "trainer_precision": train_precision, "trainer_precision_reason": why,
+                    # every report says how much of the training data was made, not collected (data.synthetic)
+                    "train_images": prepared.splits.count("train"), "train_images_synthetic": prepared.synthetic,
+                    **memory.figures, **setup.figures})
     result: dict[str, Any] = {"run_dir": str(out), "metrics": metrics, "best_checkpoint": str(best)}
     if trainer.is_global_zero:
         result.update(task.after_fit(model, out, prepared))

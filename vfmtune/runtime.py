@@ -1,13 +1,15 @@
 """Run an exported vfmtune bundle with numpy + Pillow + onnxruntime only (no torch, no timm).
 
-Classification bundles: the preprocessing re-implements the eval transform recorded in `bundle.json`
+Classifier bundles: the preprocessing re-implements the eval transform recorded in `bundle.json`
 (torchvision's shorter-side `Resize`, `CenterCrop`, `ToTensor`, `Normalize`), so predictions match the
 source model's top-1. Segmentation bundles (`"task": "segment"`): a mask at each image's own
 resolution, by the plan `vfmtune.tiling` follows (`vfmtune.windows`): the image is normalised at its
 own size, resized whole or per window to the model input (in float, antialiased, as torch resizes it),
 and the logits are resized bilinearly (torch's `align_corners=False` grid) to the pixels they cover
-and blended with the windows' weights. This module must never import torch or a vfmtune module that
-does: edge devices ship only the bundle and these three packages.
+and blended with the windows' weights. SAM bundles (`SamPredictor`): SAM's resize of the longest side,
+normalisation and padding, then box / click prompts -> masks, as `vfmtune auto-mask` makes them. This
+module must never import torch or a vfmtune module that does: edge devices ship only the bundle and
+these three packages.
 
 Example:
     >>> from vfmtune.runtime import open_bundle
@@ -15,7 +17,8 @@ Example:
     {'path': 'part_001.jpg', 'label': 'nominal', 'confidence': 0.97, 'probs': {...}}
     >>> masks = open_bundle("runs/seg-export/bundle").predict(["tile.png"])  # [H, W] uint8 class ids each
 
-    From a shell: `python -m vfmtune.runtime runs/export/bundle images/*.jpg [--out masks/]`
+    From a shell: `python -m vfmtune.runtime runs/export/bundle images/*.jpg [--out masks/]`, or for a SAM
+    bundle `python -m vfmtune.runtime runs/export/bundle photo.jpg 148,50,550,642` (writes photo.masks.png).
 """
 
 from __future__ import annotations
@@ -219,6 +222,98 @@ def open_bundle(bundle: str | Path, variant: str = "default") -> Predictor | Seg
     return (SegmentPredictor if task == "segment" else Predictor)(bundle, variant)
 
 
+def _read_info(bundle: str | Path) -> dict[str, Any]:
+    file = Path(bundle) / "bundle.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{bundle}: no bundle.json; pass the folder written by `vfmtune export`.")
+    return json.loads(file.read_text())
+
+
+class SamPredictor:
+    """A SAM bundle (`vfmtune export` of a `task=sam_prompt` run or a packaged SAM): prompts -> masks.
+
+    Args:
+        bundle: the bundle folder (bundle.json, encoder.onnx, decoder.onnx).
+
+    Example:
+        >>> sam = SamPredictor("runs/export/bundle")
+        >>> out = sam.predict("photo.jpg", boxes=[[148, 50, 550, 642]])
+        >>> out["masks"].shape, out["scores"]
+        ((1, 643, 960), array([0.97], dtype=float32))
+    """
+
+    def __init__(self, bundle: str | Path) -> None:
+        self.folder = Path(bundle)
+        self.info = _read_info(bundle)
+        if self.info.get("kind") != "sam":
+            raise ValueError(f"{bundle} is not a SAM bundle; use Predictor for classifiers.")
+        options = ort.SessionOptions()
+        self.encoder = ort.InferenceSession(str(self.folder / self.info["encoder"]), options, providers=["CPUExecutionProvider"])
+        self.decoder = ort.InferenceSession(str(self.folder / self.info["decoder"]), options, providers=["CPUExecutionProvider"])
+        self.size = int(self.info["img_size"])
+
+    def preprocess(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int]]:
+        """``([1, 3, S, S] float32, (height, width))``: the longest side resized to S (bilinear, as SAM's
+        ``ResizeLongestSide`` does on a PIL image), normalised (SAM's mean/std, or min-max), zero-padded."""
+        im = load_rgb(image)
+        w, h = im.size
+        scale = self.size / max(h, w)
+        new_w, new_h = int(w * scale + 0.5), int(h * scale + 0.5)
+        x = np.asarray(im.resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
+        if self.info["normalize"] == "minmax":
+            x = (x - x.min()) / max(float(x.max() - x.min()), 1e-8)
+        else:
+            x = (x - np.asarray(self.info["pixel_mean"], np.float32)) / np.asarray(self.info["pixel_std"], np.float32)
+        padded = np.zeros((self.size, self.size, 3), np.float32)
+        padded[:new_h, :new_w] = x
+        return np.ascontiguousarray(padded.transpose(2, 0, 1)[None]), (h, w)
+
+    def embed(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int]]:
+        """``(image embedding [1, C, g, g], (height, width))``: the encoder's one pass, reusable for any number of prompts."""
+        x, size = self.preprocess(image)
+        return self.encoder.run(None, {"image": x})[0], size
+
+    def predict(self, image: ImageLike | tuple[np.ndarray, tuple[int, int]], boxes: Sequence[Sequence[float]] | None = None,
+                points: Sequence[Sequence[Sequence[float]]] | None = None,
+                point_labels: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+        """Masks for N prompts: boxes ``[N, 4]`` x0, y0, x1, y1 and/or clicks ``[N, P, 2]`` with labels ``[N, P]``
+        (1 = object, 0 = background), in original-image pixels.
+
+        Args:
+            image: an image, or what `embed` returned for it (no second encoder pass).
+
+        Returns:
+            ``{"masks": [N, H, W] bool, "logits": [N, H, W], "scores": [N] predicted IoU, "low_res_logits": [N, L, L]}``.
+        """
+        embedding, (h, w) = image if isinstance(image, tuple) else self.embed(image)
+        scale = np.array([int(w * self.size / max(h, w) + 0.5) / w, int(h * self.size / max(h, w) + 0.5) / h], np.float32)
+        n = len(boxes) if boxes is not None else len(points or [])
+        coords = np.zeros((n, 0, 2), np.float32)
+        labels = np.zeros((n, 0), np.float32)
+        if points is not None:
+            coords = np.asarray(points, np.float32).reshape(n, -1, 2)
+            labels = np.asarray(point_labels, np.float32).reshape(n, -1)
+        if boxes is not None:  # SAM's box prompt: its two corners as points labelled 2 and 3
+            corners = np.asarray(boxes, np.float32).reshape(n, 2, 2)
+            coords = np.concatenate([coords, corners], 1)
+            labels = np.concatenate([labels, np.tile(np.array([[2, 3]], np.float32), (n, 1))], 1)
+        else:  # points alone get SAM's padding point, as its prompt encoder adds one
+            coords = np.concatenate([coords, np.zeros((n, 1, 2), np.float32)], 1)
+            labels = np.concatenate([labels, -np.ones((n, 1), np.float32)], 1)
+        low = int(self.info["low_res"])
+        fixed = {"image_embeddings": embedding, "mask_input": np.zeros((1, 1, low, low), np.float32),
+                 "has_mask_input": np.zeros(1, np.float32), "orig_im_size": np.array([h, w], np.float32)}
+        outs = [self.decoder.run(None, {**fixed, "point_coords": coords[i:i + 1] * scale, "point_labels": labels[i:i + 1]})
+                for i in range(n)]  # one prompt per decoder run (the graph's prompt axis is fixed at 1)
+        if not outs:
+            empty = np.zeros((0, h, w), np.float32)
+            return {"masks": empty > 0, "logits": empty, "scores": np.zeros(0, np.float32),
+                    "low_res_logits": np.zeros((0, low, low), np.float32)}
+        logits, scores, low_res = (np.concatenate(parts) for parts in zip(*outs))
+        return {"masks": logits[:, 0] > self.info["mask_threshold"], "logits": logits[:, 0], "scores": scores[:, 0],
+                "low_res_logits": low_res[:, 0]}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     out = Path("masks")
@@ -226,9 +321,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         i = args.index("--out")
         out, args = Path(args[i + 1]), args[:i] + args[i + 2 :]
     if len(args) < 2:
-        print("usage: python -m vfmtune.runtime BUNDLE_DIR IMAGE [IMAGE ...] [--out DIR (masks of a segmentation bundle)]",
-              file=sys.stderr)
+        print("usage: python -m vfmtune.runtime BUNDLE_DIR IMAGE [IMAGE ...] [--out DIR (masks of a segmentation bundle)]\n"
+              "       python -m vfmtune.runtime SAM_BUNDLE_DIR IMAGE X0,Y0,X1,Y1 [X0,Y0,X1,Y1 ...]", file=sys.stderr)
         raise SystemExit(2)
+    if _read_info(args[0]).get("kind") == "sam":
+        boxes = [[float(v) for v in b.split(",")] for b in args[2:]]
+        result = SamPredictor(args[0]).predict(args[1], boxes=boxes)
+        ids = np.zeros(result["masks"].shape[1:], np.uint8)
+        for k in np.argsort([-m.sum() for m in result["masks"]]):  # smaller objects on top
+            ids[result["masks"][k]] = k + 1
+        target = Path(args[1]).with_suffix(".masks.png")
+        Image.fromarray(ids).save(target)
+        for box, score, mask in zip(boxes, result["scores"], result["masks"]):
+            print(f"{','.join(f'{v:g}' for v in box)},{float(score):.4f},{int(mask.sum())}")
+        print(f"masks (box k -> value k) written to {target}")
+        return
     predictor = open_bundle(args[0])
     if isinstance(predictor, SegmentPredictor):
         print(",".join(["path", "mask", *(f"share_{c}" for c in predictor.classes)]))

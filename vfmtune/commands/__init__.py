@@ -42,6 +42,10 @@ COMMANDS: dict[str, Command] = {
                      "vfmtune adapt ckpt=RUN_DIR data.target=DIR adapt.method=adabn"),
     "cache": Command("vfmtune.commands.cache:cache", "cache", "list (or clear) cached embeddings, weights, splits",
                      "vfmtune cache [clear=embeddings]"),
+    "auto-mask": Command("vfmtune.commands.auto_mask:auto_mask", "auto_mask", "SAM: boxes / clicks -> masks, COCO",
+                         "vfmtune auto-mask model=mobile_sam images=DIR boxes=boxes.csv"),
+    "synth": Command("vfmtune.commands.synth:synth", "synth", "cut-paste scenes with masks, COCO",
+                     "vfmtune synth objects=RUN n=200"),
 }
 
 

@@ -19,14 +19,27 @@ from vfmtune.tasks import get_task
 
 def evaluate(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dict[str, Any]:
     """Recompute metrics.json for `ckpt` on a split (`split=test` by default) of its data, or of the
-    data named by `data.*` overrides (e.g. `data.root=/new/images split=all`).
+    data named by `data.*` overrides (e.g. `data.root=/new/images split=all`). With `predictions=DIR` instead
+    of a ckpt, score a `vfmtune auto-mask` output against the instances of `data.*` (instance IoU, Dice,
+    mask AP, panoptic quality).
 
     Example:
         >>> vfmtune.evaluate(overrides=["ckpt=runs/train/<date>", "split=val"])["metrics"]["val/macro_f1"]
+        >>> vfmtune.evaluate(overrides=["predictions=runs/labels", "data.root=data/nuclei"])["metrics"]["all/mask_ap"]
     """
     config = command_config(cfg, overrides, EvaluateCommand, "evaluate")
+    if config.predictions:
+        from vfmtune.cache import cache_dir
+        from vfmtune.instance_metrics import score_predictions
+
+        out = make_run_dir(run_dir, "evaluate")
+        metrics = score_predictions(config.predictions, config.data, cache_dir(config.cache_dir))
+        write_json(out / "metrics.json", metrics)
+        print("  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.count("/") == 1 and isinstance(v, float)))
+        print(f"run directory: {out}")
+        return {"run_dir": str(out), "metrics": metrics}
     if not config.ckpt:
-        raise ConfigError("evaluate needs ckpt=PATH (a .ckpt file or a run directory).")
+        raise ConfigError("evaluate needs ckpt=PATH (a .ckpt file or a run directory), or predictions=DIR (an auto-mask output).")
     out = make_run_dir(run_dir, "evaluate")
     model = load_model(config.ckpt)
     task = get_task(model_task(model))

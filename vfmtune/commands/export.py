@@ -15,7 +15,8 @@ from vfmtune.tasks import get_task
 
 
 def export(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Export `ckpt` (classifier, segmenter or distilled student) to a verified bundle; `quantize=int8` adds an INT8 model.
+    """Export `ckpt` (classifier, segmenter, distilled student, prompted SAM) to a verified bundle; `quantize=int8` adds an INT8
+    model. Without `ckpt`, `task=sam_prompt` exports the configured SAM as it comes (e.g. `model=mobile_sam`).
 
     Returns:
         `{"run_dir", "bundle" (folder), "metrics" (verification, accuracy, latency figures)}`.
@@ -28,14 +29,16 @@ def export(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: st
         >>> vfmtune.runtime.open_bundle(r["bundle"]).predict(["part.jpg"])
     """
     config = command_config(cfg, overrides, ExportCommand, "export")
-    if not config.ckpt:
-        raise ConfigError("export needs ckpt=PATH (a checkpoint file or run directory).")
     if config.quantize is not None and config.format != ExportFormat.onnx:
         raise ConfigError(f"quantize={config.quantize}: only quantize=int8 with format=onnx is supported.")
     out = make_run_dir(run_dir, "export")
-    model = load_model(config.ckpt)
-    task = get_task(model_task(model))
+    model = load_model(config.ckpt) if config.ckpt else None
+    task = get_task(model_task(model) if model is not None else config.task)
+    own = task.export(model, config, out)
+    if own is not None:
+        return {"run_dir": str(out), **own}
+    if model is None:
+        raise ConfigError(f"export needs ckpt=PATH (a checkpoint file or run directory) for task={task.name}.")
     # Verification and calibration images: the model's own data and split.
     trained = dataclasses.replace(model.config, cache_dir=config.cache_dir)
-    prepared = task.prepare(trained, out)
-    return {"run_dir": str(out), **export_bundle(task, model, prepared, config, out)}
+    return {"run_dir": str(out), **export_bundle(task, model, task.prepare(trained, out), config, out)}

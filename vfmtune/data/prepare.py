@@ -29,11 +29,13 @@ class Prepared:
         table: the samples (class targets, or mask files with their stratification class).
         splits: "train" / "val" / "test" per sample.
         pixel_counts: segmentation only: ``[N, K]`` labelled pixels per class per sample.
+        synthetic: how many training samples are synthetic (``data.synthetic``, appended after the real ones).
     """
 
     table: SampleTable
     splits: list[str]
     pixel_counts: np.ndarray | None = None
+    synthetic: int = 0
 
     def subset(self, split: str) -> tuple[list[str], list]:
         """`(paths, targets)` of one split ("all" for every sample); targets are class indices or mask files."""

@@ -47,6 +47,8 @@ class SampleTable:
         ignored: Non-image files found where images were expected (hidden files are not listed).
         masks: Mask file per sample for segmentation targets, else ``None``.
         colours: ``{(r, g, b): class id}`` when the masks are colour-coded, else ``None``.
+        instances: Per sample, the reference of its instance masks (:mod:`vfmtune.data.instances`) for
+            instance-level tasks, else ``None``.
     """
 
     paths: list[str]
@@ -56,6 +58,7 @@ class SampleTable:
     ignored: list[str] = field(default_factory=list)
     masks: list[str] | None = None
     colours: dict[tuple[int, int, int], int] | None = None
+    instances: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -75,6 +78,7 @@ class SampleTable:
             ignored=self.ignored,
             masks=[self.masks[i] for i in keep] if self.masks is not None else None,
             colours=self.colours,
+            instances=[self.instances[i] for i in keep] if self.instances is not None else None,
         )
 
     def class_counts(self) -> dict[str, int]:

@@ -18,6 +18,7 @@ TASKS: dict[str, str] = {
     "distill": "vfmtune.tasks.distill:DistillTask",
     "segment": "vfmtune.tasks.segment:SegmentTask",
     "segment_distill": "vfmtune.tasks.seg_distill:SegDistillTask",
+    "sam_prompt": "vfmtune.tasks.sam_prompt:SamPromptTask",
 }
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from vfmtune.config import AugmentConfig, Config
+from vfmtune.config import AugmentConfig, Config, ConfigError, ExportCommand
 from vfmtune.data.prepare import Prepared, prepare_data, sample_table
 from vfmtune.data.transforms import build_transforms
 from vfmtune.faults import fault_point
@@ -89,6 +89,9 @@ class Task:
 
     def prepare(self, config: Config, out: Path) -> Prepared:
         """The dataset of `config.data`, scanned and split (the split saved to `out/splits.csv`)."""
+        if config.data.synthetic:
+            raise ConfigError(f"data.synthetic adds image/mask scenes to a mask task's training split (sam_prompt, segment); "
+                              f"task={self.name} cannot use them.")
         return prepare_data(config, out, sample_table(config.data))
 
     def setup(self, config: Config, prepared: Prepared, out: Path, **context: Any) -> Setup:
@@ -128,6 +131,11 @@ class Task:
     def export_info(self, model: nn.Module) -> dict[str, Any]:
         """Entries of bundle.json (and the ONNX metadata) that tell `vfmtune.runtime` how to use the model."""
         return {"task": "classify"}
+
+    def export(self, model: nn.Module | None, config: ExportCommand, out: Path) -> dict[str, Any] | None:
+        """`vfmtune export` for a task with its own bundle format (SAM: encoder + decoder graphs): entries for the
+        result dict. None (the default): the one-graph exporter (`vfmtune.exporter`) with the hooks above."""
+        return None
 
     def report(self, metrics: dict[str, Any], classes: Sequence[str], out: Path, prefixes: Sequence[str]) -> None:
         """Plots into `out/plots` and the printed results table."""

@@ -31,6 +31,7 @@ from vfmtune.data.mask_sources import SegmentationTable, from_mask_folder, from_
 from vfmtune.data.masks import load_mask, oriented_size
 from vfmtune.data.paired import SegmentationDataset, build_paired_transforms, image_transform, normalise_transform
 from vfmtune.data.prepare import Prepared, prepare_masks
+from vfmtune.data.synthetic import add_synthetic
 from vfmtune.device import compute_device
 from vfmtune.embedding_cache import embed_images
 from vfmtune.faults import fault_point
@@ -101,7 +102,8 @@ class SegmentTask(Task):
     export_gate = ExportGate("pixel_agreement", "pixel_accuracy", "min_pixel_agreement", "miou", "max_miou_drop", (1, 8))
 
     def prepare(self, config: Config, out: Path) -> Prepared:
-        return prepare_masks(config, out, mask_source(config.data))
+        prepared = prepare_masks(config, out, mask_source(config.data))
+        return add_synthetic(prepared, config) if config.data.synthetic else prepared
 
     def setup(self, config: Config, prepared: Prepared, out: Path, **context: Any) -> Setup:
         check_mask_data(prepared)
