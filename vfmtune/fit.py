@@ -57,7 +57,7 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
                               auto_insert_metric_name=False, enable_version_counter=False) if monitor else None
     memory = PeakMemory()
     all_callbacks: list[L.Callback] = [*([best_cb] if best_cb else []), last_cb, RNGState(), memory, *setup.callbacks,
-                                       *([] if setup.backbone_runs else [OneThread()])]
+                                       *([OneThread()] if setup.one_thread else [])]
     stop = config.early_stopping
     if stop.enabled and monitor:
         all_callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=stop.patience, min_delta=stop.min_delta))

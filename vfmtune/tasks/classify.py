@@ -153,7 +153,8 @@ class ClassifyTask(Task):
             return datasets, build_sampler(config.data.sampler, train_labels, config.seed)
 
         data = SplitData(build, batch_size=config.data.batch_size, num_workers=0 if cached else config.data.num_workers)
-        return Setup(model, data, callbacks=[unfreezing] if unfreezing else [], backbone_runs=not cached)
+        return Setup(model, data, callbacks=[unfreezing] if unfreezing else [], backbone_runs=not cached,
+                     one_thread=cached)  # a BatchNorm + linear head: ~10x faster unsplit (BENCHMARKS.md)
 
     def after_fit(self, model: TaskModule, out: Path, prepared: Prepared) -> dict[str, Any]:
         if model.config.finetune.mode != FinetuneMode.lora:

@@ -145,7 +145,7 @@ class SegmentTask(Task):
         if cached and config.data.augment.enabled:
             print("frozen backbone: the head trains on cached token maps of the un-augmented images "
                   "(finetune.cache_embeddings=false trains on augmented images instead)")
-        return Setup(model, data, callbacks=[unfreezing] if unfreezing else [], figures={"window": window})
+        return Setup(model, data, callbacks=[unfreezing] if unfreezing else [], figures={"window": window}, backbone_runs=not cached)
 
     def after_fit(self, model: TaskModule, out: Path, prepared: Prepared) -> dict[str, Any]:
         split = "test" if "test" in prepared.splits else "val"
