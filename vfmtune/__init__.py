@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from vfmtune.commands.pseudo_label import pseudo_label
     from vfmtune.commands.train import train
     from vfmtune.config import Config, ConfigError, load_config
+    from vfmtune.data.subsets import subsample
     from vfmtune.loading import load_model
 
 _PUBLIC = {
@@ -43,11 +44,12 @@ _PUBLIC = {
     "load_model": "vfmtune.loading",
     "predict": "vfmtune.commands.predict",
     "pseudo_label": "vfmtune.commands.pseudo_label",
+    "subsample": "vfmtune.data.subsets",
     "train": "vfmtune.commands.train",
 }
 __all__ = [
     "ALIASES", "Config", "ConfigError", "create_backbone", "cv", "distill", "embed", "evaluate", "export", "export_merged",
-    "load_config", "load_model", "predict", "pseudo_label", "train",
+    "load_config", "load_model", "predict", "pseudo_label", "subsample", "train",
 ]
 __version__ = "0.1.0"
 
