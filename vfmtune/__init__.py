@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load lazily below
+    from vfmtune import viz
     from vfmtune.backbones import ALIASES, create_backbone
     from vfmtune.commands.cv import cv
     from vfmtune.commands.distill import distill
@@ -47,9 +48,11 @@ _PUBLIC = {
     "subsample": "vfmtune.data.subsets",
     "train": "vfmtune.commands.train",
 }
+# Public submodules: `vfmtune.viz.plot_embedding_map(...)` works after a bare `import vfmtune`.
+_MODULES = ("viz",)
 __all__ = [
     "ALIASES", "Config", "ConfigError", "create_backbone", "cv", "distill", "embed", "evaluate", "export", "export_merged",
-    "load_config", "load_model", "predict", "pseudo_label", "subsample", "train",
+    "load_config", "load_model", "predict", "pseudo_label", "subsample", "train", "viz",
 ]
 __version__ = "0.1.0"
 
@@ -57,4 +60,6 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _MODULES:
+        return importlib.import_module(f"vfmtune.{name}")
     raise AttributeError(f"module 'vfmtune' has no attribute {name!r}")
