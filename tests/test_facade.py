@@ -21,7 +21,7 @@ def test_public_names__are_not_shadowed_by_submodules() -> None:
     for name in vfmtune.__all__:
         is_module = isinstance(getattr(vfmtune, name), types.ModuleType)
         assert is_module == (name in vfmtune._MODULES), f"vfmtune.{name} is {'' if is_module else 'not '}a module"
-    assert callable(vfmtune.embed) and callable(vfmtune.cv) and callable(vfmtune.subsample)
+    assert callable(vfmtune.embed) and callable(vfmtune.cv) and callable(vfmtune.explore) and callable(vfmtune.subsample)
     assert callable(vfmtune.viz.plot_embedding_map)
 
 

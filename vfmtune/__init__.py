@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from vfmtune.commands.distill import distill
     from vfmtune.commands.embed import embed
     from vfmtune.commands.evaluate import evaluate
+    from vfmtune.commands.explore import explore
     from vfmtune.commands.export import export
     from vfmtune.commands.merge import export_merged
     from vfmtune.commands.predict import predict
@@ -39,6 +40,7 @@ _PUBLIC = {
     "distill": "vfmtune.commands.distill",
     "embed": "vfmtune.commands.embed",
     "evaluate": "vfmtune.commands.evaluate",
+    "explore": "vfmtune.commands.explore",
     "export": "vfmtune.commands.export",
     "export_merged": "vfmtune.commands.merge",
     "load_config": "vfmtune.config",
@@ -51,7 +53,7 @@ _PUBLIC = {
 # Public submodules: `vfmtune.viz.plot_embedding_map(...)` works after a bare `import vfmtune`.
 _MODULES = ("viz",)
 __all__ = [
-    "ALIASES", "Config", "ConfigError", "create_backbone", "cv", "distill", "embed", "evaluate", "export", "export_merged",
+    "ALIASES", "Config", "ConfigError", "create_backbone", "cv", "distill", "embed", "evaluate", "explore", "export", "export_merged",
     "load_config", "load_model", "predict", "pseudo_label", "subsample", "train", "viz",
 ]
 __version__ = "0.1.0"

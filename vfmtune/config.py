@@ -145,6 +145,11 @@ class Quantize(Choice):
     int8 = "int8"
 
 
+class Projection(Choice):
+    pca = "pca"
+    tsne = "tsne"  # scikit-learn's t-SNE on the first 50 principal components
+
+
 @dataclass
 class BackboneConfig:
     name: str = "dinov2_vits14"  # an alias (see vfmtune.backbones.ALIASES) or "timm/<name>"
@@ -435,6 +440,30 @@ class MergeCommand(Config):
     merge_atol: float = 1.0e-4  # max abs logit difference allowed between merged and LoRA
 
 
+@dataclass
+class ExploreConfig:
+    """What `vfmtune explore` draws (vfmtune.viz) into the run's plots/ folder."""
+
+    split: SplitName = SplitName.test  # the split whose misclassified images are shown
+    grid_per_class: int = 8  # class_grid.png: random images per class
+    projections: list[Projection] = field(default_factory=lambda: [Projection.pca, Projection.tsne])
+    outliers: int = 8  # embedding_map.png: images farthest from their class's mean embedding
+    # leakage.png: a test image this close (cosine distance of the embeddings) to a training image counts as a near-duplicate
+    leakage_threshold: float = 0.02
+    leakage_pairs: int = 8  # closest test/train pairs shown
+    patch_sizes: list[int] = field(default_factory=lambda: [224, 448])  # patch_pca.png: input sizes compared
+    patch_images: int = 6  # test images shown (round-robin over classes)
+    misclassified: int = 18  # misclassified_<split>.png: most confidently wrong first
+    output: str | None = None  # figures folder; default <RUN>/plots
+
+
+@dataclass
+class ExploreCommand(Config):
+    """`vfmtune explore RUN` (or `ckpt=RUN`)."""
+
+    explore: ExploreConfig = field(default_factory=ExploreConfig)
+
+
 # Hydra option of the `command` config group -> schema. `conf/config.yaml` starts from `command: train`;
 # the CLI selects `command=<name>` for the others.
 SCHEMAS: dict[str, type[Config]] = {
@@ -447,6 +476,7 @@ SCHEMAS: dict[str, type[Config]] = {
     "pseudo_label": PseudoLabelCommand,
     "export": ExportCommand,
     "merge": MergeCommand,
+    "explore": ExploreCommand,
 }
 
 

@@ -16,6 +16,7 @@ class Command(NamedTuple):
     schema: str  # vfmtune.config.SCHEMAS key
     summary: str
     example: str
+    positional: str | None = None  # `vfmtune <command> VALUE` means `<command> <positional>=VALUE`
 
 
 COMMANDS: dict[str, Command] = {
@@ -36,6 +37,8 @@ COMMANDS: dict[str, Command] = {
                             "vfmtune pseudo-label teacher=RUN_DIR images=DIR pseudo_label.threshold=0.9"),
     "export": Command("vfmtune.commands.export:export", "export", "verified ONNX/TorchScript bundle",
                       "vfmtune export ckpt=RUN_DIR format=onnx quantize=int8"),
+    "explore": Command("vfmtune.commands.explore:explore", "explore", "data-look figures of a run -> RUN/plots",
+                       "vfmtune explore RUN_DIR", positional="ckpt"),
 }
 
 
