@@ -69,6 +69,7 @@ def test_evaluate__writes_per_image_predictions(trained: tuple[Path, Path], tmp_
     rows = read_rows(tmp_path / "e" / "predictions.csv")
     assert set(rows[0]) == {"path", "label", "class", "p_cat", "p_dog", "p_owl"}
     assert [r["path"] for r in rows] == result["paths"] and result["probs"].shape == (len(rows), 3)
+    assert result["classes"] == ["cat", "dog", "owl"]
     right = sum(r["label"] == r["class"] for r in rows) / len(rows)
     assert right == pytest.approx(result["metrics"]["val/accuracy"])
 

@@ -44,3 +44,10 @@ def test_subsample__bad_class_names(folder: Path, tmp_path: Path) -> None:
         vfmtune.subsample(tmp_path / "x.csv", folder, ratio=10, majority="fox")
     with pytest.raises(DataError, match="per_class names"):
         vfmtune.subsample(tmp_path / "x.csv", folder, per_class={"fox": 3})
+
+
+def test_subsample__exclude_gives_the_rest(folder: Path, tmp_path: Path) -> None:
+    small = vfmtune.subsample(tmp_path / "small.csv", folder, per_class=5)
+    rest = vfmtune.subsample(tmp_path / "rest.csv", folder, exclude=small["manifest"])
+    assert rest["counts"]["all"] == {"cat": 35, "dog": 15, "owl": 15}
+    assert not {r["path"] for r in read_rows(tmp_path / "rest.csv")} & {r["path"] for r in read_rows(tmp_path / "small.csv")}

@@ -57,6 +57,11 @@ def test_project__unknown_method() -> None:
         viz.project(np.ones((4, 3)), "umap")
 
 
+def test_spread_over_classes__takes_classes_in_turn() -> None:
+    assert viz.spread_over_classes([0, 0, 0, 1, 1, 2], 4) == [0, 3, 5, 1]
+    assert viz.spread_over_classes([0, 0, 0, 1, 1, 2], 9, among=[1, 2, 4]) == [1, 4, 2]
+
+
 def test_outliers__farthest_from_class_centre_first(data: dict) -> None:
     features = data["features"].copy()
     features[5] = -features[5]  # a cat embedded far from the other cats
@@ -64,9 +69,12 @@ def test_outliers__farthest_from_class_centre_first(data: dict) -> None:
 
 
 def test_plot_embedding_map__panels_and_outlier_thumbnails(data: dict, tmp_path: Path) -> None:
-    fig = check(viz.plot_embedding_map(data["features"], data["labels"], CLASSES, data["paths"], data["splits"], n_outliers=4), tmp_path)
+    # t-SNE panels are drawn the same way (its projection is tested above; it takes seconds even on 30 points)
+    fig = check(viz.plot_embedding_map(data["features"], data["labels"], CLASSES, data["paths"], data["splits"], ["pca", "pca"],
+                                       n_outliers=4), tmp_path)
     maps, thumbs = fig.subfigs
-    assert [ax.get_title() for ax in maps.axes] == ["PCA", "t-SNE"] and len(thumbs.axes) == 4
+    assert [ax.get_title() for ax in maps.axes] == ["PCA", "PCA"] and len(thumbs.axes) == 4
+    assert len(fig.axes) == 6 and not viz.plot_embedding_map(data["features"], data["labels"], CLASSES, methods=["pca"]).subfigs
 
 
 def test_leakage_pairs__finds_a_duplicate_across_splits(data: dict) -> None:
@@ -99,8 +107,10 @@ def test_patch_pca__rgb_patch_grid(data: dict, tmp_path: Path) -> None:
 
 
 def test_plot_predictions_and_misclassified(data: dict, tmp_path: Path) -> None:
-    fig = check(viz.plot_predictions(data["paths"], data["probs"], CLASSES, data["labels"], n=10), tmp_path)
-    assert fig.get_suptitle() == "predictions: 9 of 10 right"
+    fig = check(viz.plot_predictions(data["paths"], data["probs"], CLASSES, data["labels"], n=6), tmp_path)
+    assert fig.get_suptitle() == "predictions: 6 of 6 right"  # two of each class, none of the three mistakes
+    assert [ax.get_title().split("true: ")[1][:3] for ax in fig.axes] == ["cat", "dog", "owl"] * 2
+    assert check(viz.plot_predictions(data["paths"], data["probs"], CLASSES, n=30), tmp_path).get_suptitle() == "predictions"
     fig = check(viz.plot_misclassified(data["paths"], data["labels"], data["probs"], CLASSES), tmp_path)
     assert fig.get_suptitle().startswith("3 of 30 images misclassified")
     assert sum(ax.get_visible() and bool(ax.images) for ax in fig.axes) == 3

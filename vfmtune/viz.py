@@ -80,6 +80,22 @@ def _unit(features: ArrayLike) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def spread_over_classes(labels: Sequence[int], n: int, among: Sequence[int] | None = None) -> list[int]:
+    """`n` indices (of `among`, default all) taking the classes in turn: the first image of each class,
+    then the second of each, ...: a few examples that show every class.
+
+    Example:
+        >>> spread_over_classes([0, 0, 0, 1, 1, 2], 4)
+        [0, 3, 5, 1]
+    """
+    by_class: dict[int, list[int]] = {}
+    for i in range(len(labels)) if among is None else among:
+        by_class.setdefault(int(labels[i]), []).append(int(i))
+    columns = [by_class[c] for c in sorted(by_class)]
+    order = [col[k] for k in range(max(map(len, columns), default=0)) for col in columns if k < len(col)]
+    return order[:n]
+
+
 def plot_class_grid(paths: Sequence[str], labels: Sequence[int], classes: Sequence[str], per_class: int = 8,
                     seed: int = 0) -> Figure:
     """A row of `per_class` random images per class, each row labelled with its class and image count."""
@@ -308,11 +324,14 @@ def _prediction_grid(paths: Sequence[str], probs: np.ndarray, classes: Sequence[
 
 def plot_predictions(paths: Sequence[str], probs: ArrayLike, classes: Sequence[str], labels: Sequence[int] | None = None,
                      n: int = 12) -> Figure:
-    """The first `n` images with the predicted class and its probability; with `labels`, the true class
-    (and its probability) too, green when right and red when wrong."""
-    p = np.asarray(probs)[:n]
-    right = "" if labels is None else f": {sum(int(p[k].argmax() == labels[k]) for k in range(len(p)))} of {len(p)} right"
-    return _prediction_grid(paths[:n], p, classes, None if labels is None else list(labels)[:n], f"predictions{right}")
+    """`n` images with the predicted class and its probability: the first `n`, or with `labels` `n`
+    spread over the true classes, with the true class (and its probability) in green when right and red when wrong."""
+    p = np.asarray(probs)
+    shown = list(range(min(n, len(p)))) if labels is None else spread_over_classes(labels, n)
+    known = None if labels is None else [int(labels[i]) for i in shown]
+    right = None if known is None else sum(int(p[i].argmax() == y) for i, y in zip(shown, known))
+    title = "predictions" if known is None else f"predictions: {right} of {len(shown)} right"
+    return _prediction_grid([paths[i] for i in shown], p[shown], classes, known, title)
 
 
 def plot_misclassified(paths: Sequence[str], labels: Sequence[int], probs: ArrayLike, classes: Sequence[str], n: int = 12) -> Figure:

@@ -26,8 +26,8 @@ def evaluate(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: 
     A classifier also writes `predictions.csv` (path, label, predicted class, every class's probability).
 
     Returns:
-        `{"run_dir", "metrics"}`; for classifiers also `"predictions"` (the CSV), `"paths"`, `"labels"`
-        and `"probs"` (`[N, C]` numpy array), in the split's order.
+        `{"run_dir", "metrics"}`; for classifiers also `"predictions"` (the CSV), `"paths"`, `"labels"`,
+        `"probs"` (`[N, C]` numpy array), in the split's order, and `"classes"`.
 
     Example:
         >>> vfmtune.evaluate(overrides=["ckpt=runs/train/<date>", "split=val"])["metrics"]["val/macro_f1"]
@@ -54,7 +54,8 @@ def evaluate(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: 
         paths, labels = prepared.subset(split)
         probs = torch.cat(outputs).softmax(-1) if outputs else torch.empty(0, len(model.classes))
         write_class_predictions(out / "predictions.csv", paths, probs, model.classes, labels)
-        result.update({"predictions": str(out / "predictions.csv"), "paths": paths, "labels": labels, "probs": probs.numpy()})
+        result.update({"predictions": str(out / "predictions.csv"), "paths": paths, "labels": labels, "probs": probs.numpy(),
+                       "classes": list(model.classes)})
     print(f"run directory: {out}")
     return result
 

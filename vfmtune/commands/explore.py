@@ -76,7 +76,7 @@ def explore(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: s
         writer = csv.writer(f)
         writer.writerow(["test_path", "train_path", "cosine_distance"])
         writer.writerows([paths[p.query], paths[p.reference], f"{p.distance:.6f}"] for p in pairs)
-    shown = examples(labels, splits, ex.patch_images, str(ex.split))
+    shown = viz.spread_over_classes(labels, ex.patch_images, [i for i, s in enumerate(splits) if s == str(ex.split)] or None)
     maps = patch_maps(run_cfg, [paths[i] for i in shown], ex.patch_sizes)
     if maps:
         draw("patch_pca", viz.plot_patch_pca([paths[i] for i in shown], maps, [classes[labels[i]] for i in shown]))
@@ -115,15 +115,3 @@ def patch_maps(config: Config, images: Sequence[str], sizes: Sequence[int]) -> d
     except ValueError as e:  # e.g. a CNN without forward_intermediates
         print(f"patch PCA skipped: {e}")
         return {}
-
-
-def examples(labels: Sequence[int], splits: Sequence[str], n: int, split: str = "test") -> list[int]:
-    """`n` indices of `split` (every image when it is empty or "all"), taking the classes in turn: the first
-    of each class, then the second of each, ..."""
-    pool = [i for i, s in enumerate(splits) if s == split] or list(range(len(labels)))
-    by_class: dict[int, list[int]] = {}
-    for i in pool:
-        by_class.setdefault(labels[i], []).append(i)
-    columns = [by_class[c] for c in sorted(by_class)]
-    order = [col[k] for k in range(max(map(len, columns), default=0)) for col in columns if k < len(col)]
-    return order[:n]

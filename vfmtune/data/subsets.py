@@ -37,6 +37,7 @@ def subsample(
     data: str | os.PathLike[str] = "textile",
     *,
     per_class: int | Mapping[str, int] | None = None,
+    exclude: str | os.PathLike[str] | None = None,
     ratio: float | None = None,
     majority: str | None = None,
     val_fraction: float = 0.1,
@@ -46,7 +47,9 @@ def subsample(
 ) -> dict[str, Any]:
     """Write a CSV manifest (`path,label[,split]`) holding a seeded subset of `data`.
 
-    `per_class` keeps that many images of each class (a seeded shuffle, then the first N). `ratio`
+    `exclude` (a manifest) leaves its images out, e.g. to use the rest of a dataset as unlabelled images
+    (`data.unlabeled=CSV`). `per_class` keeps that many images of each class (a seeded shuffle, then
+    the first N). `ratio`
     makes the data imbalanced the way a user's labelled data is: the data is first split (stratified,
     `val_fraction` / `test_fraction`, `split_seed`), then in train and val every class except
     `majority` is cut to `count(majority) // ratio` images (at least 1); the test split is left as it
@@ -56,6 +59,7 @@ def subsample(
         path: the manifest to write (atomically).
         data: a packaged dataset name, an ImageFolder or a manifest.
         per_class: images per class, one number or `{class: n}` (classes not named keep all).
+        exclude: a manifest whose images are left out.
         ratio: majority : minority images in train and val, e.g. 20 or 100.
         majority: the class kept whole; default the largest.
         val_fraction, test_fraction, split_seed: the split made before subsampling (`ratio` only).
@@ -71,11 +75,15 @@ def subsample(
         >>> vfmtune.subsample("runs/smoke.csv", per_class=20)["counts"]
         {'all': {'global': 20, 'local': 20, 'nominal': 20}}
         >>> vfmtune.subsample("runs/textile_20to1.csv", ratio=20, majority="nominal", seed=1)
+        >>> vfmtune.subsample("runs/rest.csv", exclude="runs/smoke.csv")  # the other 1,940 images
     """
     table = _table(data)
     classes = table.classes
     rng = random.Random(seed)
     rows = list(zip(table.paths, table.labels))
+    if exclude is not None:
+        left_out = {os.path.realpath(p) for p in from_manifest(exclude).paths}
+        rows = [(p, y) for p, y in rows if os.path.realpath(p) not in left_out]
     if per_class is not None:
         limits = {c: per_class for c in classes} if isinstance(per_class, int) else dict(per_class)
         unknown = sorted(set(limits) - set(classes))
