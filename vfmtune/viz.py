@@ -315,8 +315,8 @@ def _prediction_grid(paths: Sequence[str], probs: np.ndarray, classes: Sequence[
         text = f"{classes[top]} {p[top]:.2f}"
         colour = "black"
         if labels is not None:
-            text += f"\ntrue: {classes[labels[k]]} ({p[labels[k]]:.2f})"
             colour = "green" if top == labels[k] else "red"
+            text += "" if top == labels[k] else f"\ntrue: {classes[labels[k]]} ({p[labels[k]]:.2f})"
         _image_axis(ax, thumbnail(paths[k]), text, colour)
     fig.suptitle(title, fontsize=10)
     return fig
@@ -325,7 +325,7 @@ def _prediction_grid(paths: Sequence[str], probs: np.ndarray, classes: Sequence[
 def plot_predictions(paths: Sequence[str], probs: ArrayLike, classes: Sequence[str], labels: Sequence[int] | None = None,
                      n: int = 12) -> Figure:
     """`n` images with the predicted class and its probability: the first `n`, or with `labels` `n`
-    spread over the true classes, with the true class (and its probability) in green when right and red when wrong."""
+    spread over the true classes, green when right, red with the true class (and its probability) when wrong."""
     p = np.asarray(probs)
     shown = list(range(min(n, len(p)))) if labels is None else spread_over_classes(labels, n)
     known = None if labels is None else [int(labels[i]) for i in shown]
@@ -411,17 +411,24 @@ def plot_reliability(probs: ArrayLike | Mapping[str, ArrayLike], labels: Sequenc
 def plot_accuracy_latency(points: Mapping[str, tuple[float, float]], metric: str = "test accuracy",
                           latency: str = "batch-1 latency (ms, onnxruntime CPU)") -> Figure:
     """One scatter of score against latency (log scale), a labelled point per model: `points` maps a
-    name to `(latency_ms, score)`; names containing "int8" are drawn as diamonds."""
-    fig = _figure(6.0, 4.2)
+    name to `(latency_ms, score)`. A name ending in " int8" is drawn as a diamond in its fp32 model's colour,
+    joined to it by a line: what quantization costs and buys."""
+    fig = _figure(6.4, 4.4)
     ax = fig.subplots()
-    for (name, (ms, score)), colour in zip(points.items(), _colours(len(points))):
-        ax.scatter([ms], [score], s=60, color=colour, marker="D" if "int8" in name.lower() else "o", zorder=3)
-        ax.annotate(name, (ms, score), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    families = list(dict.fromkeys(name.removesuffix(" int8") for name in points))
+    colour = dict(zip(families, _colours(len(families))))
+    for name, (ms, score) in points.items():
+        base = name.removesuffix(" int8")
+        quantized = base != name
+        ax.scatter([ms], [score], s=60, color=colour[base], marker="D" if quantized else "o", zorder=3)
+        ax.annotate(name, (ms, score), textcoords="offset points", xytext=(6, -10 if quantized else 4), fontsize=8)
+        if quantized and base in points:
+            ax.plot([points[base][0], ms], [points[base][1], score], color=colour[base], lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xlabel(latency)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3, which="both")
-    ax.set_title(f"{metric} vs latency", fontsize=10)
+    ax.set_title(f"{metric} vs latency (diamonds: INT8)", fontsize=10)
     return fig
 
 
@@ -434,7 +441,7 @@ def plot_disagreements(paths: Sequence[str], labels: Sequence[int], teacher_prob
     order = differ[np.argsort(-np.maximum(t[differ].max(1), s[differ].max(1)), kind="stable")][:n]
     columns = 6
     rows = max(1, -(-len(order) // columns))
-    fig = _figure(1.85 * columns, 2.2 * rows + 0.4)
+    fig = _figure(1.9 * columns, 2.4 * rows + 0.4)
     axes = fig.subplots(rows, columns, squeeze=False)
     for k, ax in enumerate(axes.flat):
         if k >= len(order):
@@ -443,11 +450,11 @@ def plot_disagreements(paths: Sequence[str], labels: Sequence[int], teacher_prob
         i = order[k]
         a, b = int(t[i].argmax()), int(s[i].argmax())
         winner = names[0] if a == y[i] else names[1] if b == y[i] else "neither"
-        _image_axis(ax, thumbnail(paths[i]), f"true: {classes[y[i]]}\n{names[0][0].upper()}: {classes[a]} {t[i, a]:.2f}  "
-                    f"{names[1][0].upper()}: {classes[b]} {s[i, b]:.2f}", {names[0]: "tab:blue", names[1]: "tab:orange"}.get(winner, "red"))
+        _image_axis(ax, thumbnail(paths[i]), f"true: {classes[y[i]]}\n{names[0]}: {classes[a]} {t[i, a]:.2f}\n"
+                    f"{names[1]}: {classes[b]} {s[i, b]:.2f}", {names[0]: "tab:blue", names[1]: "tab:orange"}.get(winner, "red"))
     t_right, s_right = int((t[differ].argmax(1) == y[differ]).sum()), int((s[differ].argmax(1) == y[differ]).sum())
     fig.suptitle(f"{names[0]} and {names[1]} disagree on {len(differ)} of {len(y)} images: {names[0]} right on {t_right}, "
-                 f"{names[1]} on {s_right} (title colour: who is right; red: neither)", fontsize=9)
+                 f"{names[1]} on {s_right}\n(title colour: blue {names[0]} right, orange {names[1]} right, red neither)", fontsize=9)
     return fig
 
 
