@@ -89,11 +89,27 @@ def test_leakage_pairs__finds_a_duplicate_across_splits(data: dict) -> None:
     assert viz.leakage_pairs(features, ["train"] * 30) == []
 
 
+def test_leakage_pairs__within_a_split_is_the_baseline(data: dict) -> None:
+    baseline = viz.leakage_pairs(data["features"], data["splits"], "train", "train")
+    assert len(baseline) == data["splits"].count("train") and all(p.query != p.reference for p in baseline)
+    assert viz.duplicate_threshold(baseline) == pytest.approx(0.1 * np.median([p.distance for p in baseline]))
+    assert viz.duplicate_threshold([0.2, 0.4, 0.6], fraction=0.5) == pytest.approx(0.2)
+
+
+def test_leakage_pairs__mean_centred(data: dict) -> None:
+    # A large shared component (one fabric, one organ) must not squeeze every distance to ~0.
+    shifted = data["features"] + 1000.0
+    assert [p.distance for p in viz.leakage_pairs(shifted, data["splits"])] == pytest.approx(
+        [p.distance for p in viz.leakage_pairs(data["features"], data["splits"])])
+
+
 def test_plot_leakage_pairs__histogram_and_pairs(data: dict, tmp_path: Path) -> None:
     pairs = viz.leakage_pairs(data["features"], data["splits"])
-    fig = check(viz.plot_leakage_pairs(data["paths"], pairs, data["labels"], CLASSES, n=3, threshold=0.05), tmp_path)
+    baseline = viz.leakage_pairs(data["features"], data["splits"], "train", "train")
+    fig = check(viz.plot_leakage_pairs(data["paths"], pairs, data["labels"], CLASSES, n=3, threshold=0.05, baseline=baseline), tmp_path)
     assert len(fig.axes) == 1 + 2 * 3
     assert "test images within 0.05" in fig.axes[0].get_title()
+    assert len(fig.axes[0].get_legend().get_texts()) == 3  # test pairs, train baseline, threshold
 
 
 def test_patch_pca__rgb_patch_grid(data: dict, tmp_path: Path) -> None:

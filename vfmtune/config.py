@@ -448,8 +448,9 @@ class ExploreConfig:
     grid_per_class: int = 8  # class_grid.png: random images per class
     projections: list[Projection] = field(default_factory=lambda: [Projection.pca, Projection.tsne])
     outliers: int = 8  # embedding_map.png: images farthest from their class's mean embedding
-    # leakage.png: a test image this close (cosine distance of the embeddings) to a training image counts as a near-duplicate
-    leakage_threshold: float = 0.02
+    # leakage.png: a test image this close (cosine distance of the mean-centred embeddings) to a training image counts as a
+    # near-duplicate; None: a tenth of the median distance between training images and their nearest neighbours
+    leakage_threshold: float | None = None
     leakage_pairs: int = 8  # closest test/train pairs shown
     patch_sizes: list[int] = field(default_factory=lambda: [224, 448])  # patch_pca.png: input sizes compared
     patch_images: int = 6  # test images shown (round-robin over classes)

@@ -2,8 +2,8 @@
 
 Every `plot_*` function takes plain data (image paths, labels, arrays, metrics dicts) and returns a
 matplotlib `Figure`; notebooks show it, `vfmtune explore` and scripts `save` it as PNG. The helpers
-that compute what a figure shows (`project`, `outliers`, `leakage_pairs`, `patch_pca`,
-`calibration`) are public too, so their numbers can be printed or tested. Figures are built without
+that compute what a figure shows (`project`, `outliers`, `leakage_pairs`, `duplicate_threshold`,
+`patch_pca`, `calibration`) are public too, so their numbers can be printed or tested. Figures are built without
 pyplot (no global state; `vfmtune.report` forces the Agg backend) and show themselves in notebooks
 as PNG.
 
@@ -11,7 +11,9 @@ Example:
     >>> e = vfmtune.embed(overrides=["data.dataset=textile"])
     >>> vfmtune.viz.plot_embedding_map(e["features"], e["labels"], e["classes"], paths=e["paths"], splits=e["splits"])
     >>> pairs = vfmtune.viz.leakage_pairs(e["features"], e["splits"])
-    >>> vfmtune.viz.save(vfmtune.viz.plot_leakage_pairs(e["paths"], pairs), "plots/leakage.png")
+    >>> baseline = vfmtune.viz.leakage_pairs(e["features"], e["splits"], "train", "train")
+    >>> fig = vfmtune.viz.plot_leakage_pairs(e["paths"], pairs, threshold=vfmtune.viz.duplicate_threshold(baseline), baseline=baseline)
+    >>> vfmtune.viz.save(fig, "plots/leakage.png")
 """
 
 from __future__ import annotations
@@ -80,6 +82,13 @@ def _unit(features: ArrayLike) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def _centred_unit(features: ArrayLike) -> np.ndarray:
+    """Unit-length embeddings after removing their mean: on a homogeneous dataset (one fabric, one organ)
+    every raw embedding shares a large common direction, and raw cosine distances are all close to 0."""
+    x = np.asarray(features, dtype=np.float64)
+    return _unit(x - x.mean(0, keepdims=True))
+
+
 def spread_over_classes(labels: Sequence[int], n: int, among: Sequence[int] | None = None) -> list[int]:
     """`n` indices (of `among`, default all) taking the classes in turn: the first image of each class,
     then the second of each, ...: a few examples that show every class.
@@ -137,9 +146,9 @@ def project(features: ArrayLike, method: str = "pca", seed: int = 0) -> np.ndarr
 
 
 def outliers(features: ArrayLike, labels: Sequence[int], n: int = 8) -> np.ndarray:
-    """Indices of the `n` images farthest (cosine distance) from their own class's mean embedding, farthest first:
-    mislabelled, unusual or broken images are usually among them."""
-    x, y = _unit(features), np.asarray(labels)
+    """Indices of the `n` images farthest (cosine distance of the mean-centred embeddings) from their own
+    class's mean embedding, farthest first: mislabelled, unusual or broken images are usually among them."""
+    x, y = _centred_unit(features), np.asarray(labels)
     distance = np.zeros(len(x))
     for c in np.unique(y):
         members = y == c
@@ -194,7 +203,9 @@ class Pair(NamedTuple):
 def leakage_pairs(features: ArrayLike, splits: Sequence[str], query: str = "test", reference: str = "train",
                   threshold: float | None = None) -> list[Pair]:
     """For every `query`-split image, its nearest `reference`-split image by cosine distance of the
-    embeddings, closest pairs first. Near-duplicates across splits make test scores optimistic.
+    mean-centred embeddings, closest pairs first. Near-duplicates across splits make test scores optimistic.
+    With `query == reference` each image's nearest *other* image: how close neighbours are anyway (the
+    baseline that `duplicate_threshold` and `plot_leakage_pairs` compare with).
 
     Args:
         features: `[N, D]` embeddings of every image.
@@ -206,33 +217,52 @@ def leakage_pairs(features: ArrayLike, splits: Sequence[str], query: str = "test
     """
     s = np.asarray(splits)
     q, r = np.flatnonzero(s == query), np.flatnonzero(s == reference)
-    if not len(q) or not len(r):
+    if not len(q) or len(r) < 1 + (query == reference):
         return []
-    x = _unit(features)
+    x = _centred_unit(features)
     distance = 1.0 - x[q] @ x[r].T
+    if query == reference:
+        np.fill_diagonal(distance, np.inf)
     nearest = distance.argmin(1)
     pairs = [Pair(int(i), int(r[j]), max(float(distance[k, j]), 0.0)) for k, (i, j) in enumerate(zip(q, nearest))]
     pairs.sort(key=lambda p: p.distance)
     return [p for p in pairs if threshold is None or p.distance <= threshold]
 
 
+def duplicate_threshold(baseline: Sequence[Pair] | Sequence[float], fraction: float = 0.1) -> float:
+    """A distance that counts as a near-duplicate: `fraction` of the median nearest-neighbour distance
+    within the reference split (`baseline = leakage_pairs(features, splits, "train", "train")`), i.e. ten
+    times closer than images of this dataset usually are to their nearest neighbour."""
+    distances = [p.distance if isinstance(p, Pair) else float(p) for p in baseline]
+    return fraction * float(np.median(distances)) if distances else 0.0
+
+
 def plot_leakage_pairs(paths: Sequence[str], pairs: Sequence[Pair], labels: Sequence[int] | None = None,
                        classes: Sequence[str] | None = None, n: int = 8, threshold: float | None = None,
-                       names: tuple[str, str] = ("test", "train")) -> Figure:
-    """The histogram of nearest-neighbour distances of every pair, and the `n` closest pairs (query
-    image above, its nearest reference image below): identical images at distance ~0 are leakage."""
+                       baseline: Sequence[Pair] | None = None, names: tuple[str, str] = ("test", "train")) -> Figure:
+    """The histogram of every pair's distance (with `baseline`, the nearest-neighbour distances within the
+    reference split for comparison), and the `n` closest pairs (query image above, its nearest reference
+    image below): duplicates stand apart near 0, left of where neighbours usually are."""
     shown = list(pairs[:n])
-    fig = _figure(max(1.4 * max(len(shown), 1) + 3.5, 8.0), 3.6)
-    left, right = fig.subfigures(1, 2, width_ratios=[3.5, max(1.4 * len(shown), 1.0)])
+    fig = _figure(max(1.4 * max(len(shown), 1) + 3.8, 8.0), 3.6)
+    left, right = fig.subfigures(1, 2, width_ratios=[3.8, max(1.4 * len(shown), 1.0)])
     ax = left.subplots()
     distances = [p.distance for p in pairs]
-    ax.hist(distances, bins=40, color="grey")
+    top = max([*distances, *(p.distance for p in baseline or [])], default=1.0)
+    bins = np.linspace(0, top, 41)
+    ax.hist(distances, bins=bins, color="grey", density=True, label=f"{names[0]} → nearest {names[1]}")
+    if baseline:
+        ax.hist([p.distance for p in baseline], bins=bins, density=True, histtype="step", color="black",
+                label=f"{names[1]} → nearest other {names[1]}")
+    title = f"{len(distances)} {names[0]} images"
     if threshold is not None:
         below = sum(d <= threshold for d in distances)
-        ax.axvline(threshold, color="red", lw=1)
-        ax.set_title(f"{below} of {len(distances)} {names[0]} images within {threshold:g} of a {names[1]} image", fontsize=8)
-    ax.set_xlabel(f"cosine distance to the nearest {names[1]} image", fontsize=8)
-    ax.set_ylabel(f"{names[0]} images", fontsize=8)
+        ax.axvline(threshold, color="red", lw=1, label=f"near-duplicate: ≤ {threshold:.2g}")
+        title = f"{below} of {len(distances)} {names[0]} images within {threshold:.2g} of a {names[1]} image"
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    ax.set_xlabel("cosine distance (mean-centred embeddings)", fontsize=8)
+    ax.set_ylabel("density", fontsize=8)
     if shown:
         axes = right.subplots(2, len(shown), squeeze=False)
 
@@ -240,7 +270,7 @@ def plot_leakage_pairs(paths: Sequence[str], pairs: Sequence[Pair], labels: Sequ
             return classes[labels[i]] if labels is not None and classes is not None else Path(paths[i]).name[:14]
 
         for j, p in enumerate(shown):
-            _image_axis(axes[0, j], thumbnail(paths[p.query]), f"{name(p.query)}\nd={p.distance:.3f}")
+            _image_axis(axes[0, j], thumbnail(paths[p.query]), f"{name(p.query)}\nd={p.distance:.3g}")
             _image_axis(axes[1, j], thumbnail(paths[p.reference]), name(p.reference))
         axes[0, 0].set_ylabel(names[0], fontsize=8)
         axes[1, 0].set_ylabel(f"nearest {names[1]}", fontsize=8)

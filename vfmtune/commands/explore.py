@@ -71,7 +71,9 @@ def explore(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: s
     draw("embedding_map", viz.plot_embedding_map(features, labels, classes, paths, splits, [str(p) for p in ex.projections],
                                                  ex.outliers, seed=run_cfg.seed))
     pairs = viz.leakage_pairs(features, splits, "test", "train")
-    draw("leakage", viz.plot_leakage_pairs(paths, pairs, labels, classes, ex.leakage_pairs, ex.leakage_threshold))
+    baseline = viz.leakage_pairs(features, splits, "train", "train")
+    threshold = ex.leakage_threshold if ex.leakage_threshold is not None else viz.duplicate_threshold(baseline)
+    draw("leakage", viz.plot_leakage_pairs(paths, pairs, labels, classes, ex.leakage_pairs, threshold, baseline))
     with atomic_path(out / "leakage.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["test_path", "train_path", "cosine_distance"])
@@ -83,8 +85,8 @@ def explore(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: s
 
     split = str(ex.split)
     summary: dict[str, Any] = {"images": len(paths), "backbone": b.name, "img_size": b.img_size,
-                               "leakage_threshold": ex.leakage_threshold,
-                               "leakage_pairs_below_threshold": sum(p.distance <= ex.leakage_threshold for p in pairs),
+                               "leakage_threshold": threshold,
+                               "leakage_pairs_below_threshold": sum(p.distance <= threshold for p in pairs),
                                "nearest_train_distance_min": pairs[0].distance if pairs else None,
                                "outliers": [paths[i] for i in viz.outliers(features, labels, ex.outliers)]}
     if split in splits or split == "all":
@@ -98,7 +100,7 @@ def explore(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: s
     summary["figures"] = {k: str(v) for k, v in figures.items()}
     write_json(out / "explore.json", summary)
     print(f"{len(figures)} figures written to {plots}: {', '.join(figures)}; "
-          f"{summary['leakage_pairs_below_threshold']} test images within {ex.leakage_threshold} of a training image")
+          f"{summary['leakage_pairs_below_threshold']} test images within {threshold:.3g} of a training image")
     return {"run_dir": str(out), "plots": str(plots), "figures": {k: str(v) for k, v in figures.items()}, "summary": summary}
 
 
