@@ -55,3 +55,10 @@ def test_explore__unknown_key_lists_valid_ones(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         main(["explore", "runs/x", "explore.colour=red"])
     assert "leakage_threshold" in capsys.readouterr().err
+
+
+def test_explore__a_distilled_student(distill_runs: dict[str, Path], tmp_path: Path) -> None:
+    # The figures of the student's run: its data and split, the frozen backbone's embeddings, the student's mistakes.
+    main(["explore", str(distill_runs["student"]), "data.num_workers=0", "explore.patch_sizes=[32]", "explore.projections=[pca]",
+          f"explore.output={tmp_path / 'plots'}", f"hydra.run.dir={tmp_path / 'e'}"])
+    assert {p.stem for p in (tmp_path / "plots").glob("*.png")} == set(FIGURES)
