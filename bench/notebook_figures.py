@@ -39,12 +39,14 @@ def png_outputs(cell: dict) -> list[bytes]:
 
 
 def save_png(data: bytes, path: Path) -> int:
-    """Write a notebook's PNG; one that is too large is re-encoded with a 256-colour palette."""
+    """Write a notebook's PNG; one over MAX_BYTES is re-encoded with a 256-colour palette, then shrunk until it fits."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if len(data) > MAX_BYTES:
+    image, scale = Image.open(io.BytesIO(data)).convert("RGB"), 1.0
+    while len(data) > MAX_BYTES and scale > 0.3:
+        size = (round(image.width * scale), round(image.height * scale))
         buffer = io.BytesIO()
-        Image.open(io.BytesIO(data)).convert("RGB").quantize(256).save(buffer, format="PNG", optimize=True)
-        data = buffer.getvalue()
+        image.resize(size, Image.LANCZOS).quantize(256).save(buffer, format="PNG", optimize=True)
+        data, scale = buffer.getvalue(), scale * 0.85
     path.write_bytes(data)
     return len(data)
 
