@@ -33,7 +33,8 @@ def explore(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: s
 
     Figures: `class_grid.png`, `embedding_map.png` (PCA / t-SNE of the frozen backbone's embeddings,
     coloured by class, outliers numbered and shown), `leakage.png` (each test image's nearest training
-    image by cosine distance; `leakage.csv` in the command's run directory lists every pair),
+    image by cosine distance of the mean-centred embeddings, against the training images' own nearest
+    neighbours; `leakage.csv` in the command's run directory lists every pair),
     `patch_pca.png` (`explore.patch_sizes`) and `misclassified_<split>.png`. `explore.json` in the run
     directory summarises them. The embeddings are the run's backbone as configured (pretrained
     weights), through the embedding cache, as `vfmtune embed` computes them.
