@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -34,20 +33,6 @@ def write_results(name: str, figures: dict) -> Path:
 
 def textile_subset_manifest(path: Path, per_class: dict[str, int], seed: int = 0) -> Path:
     """A CSV manifest with the first-N (seeded shuffle) images of each textile class."""
-    import random
+    import vfmtune
 
-    from vfmtune.data.sources import from_imagefolder, packaged_dataset
-
-    table = from_imagefolder(packaged_dataset("textile"))
-    rng = random.Random(seed)
-    rows = []
-    for c, cls in enumerate(table.classes):
-        paths = [p for p, y in zip(table.paths, table.labels) if y == c]
-        rng.shuffle(paths)
-        rows += [(p, cls) for p in paths[: per_class.get(cls, len(paths))]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label"])
-        writer.writerows(rows)
-    return path
+    return Path(vfmtune.subsample(path, "textile", per_class=per_class, seed=seed)["manifest"])

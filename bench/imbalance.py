@@ -16,8 +16,6 @@ subsample and the training.
 from __future__ import annotations
 
 import argparse
-import csv
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +24,6 @@ import numpy as np
 from common import write_results
 
 import vfmtune
-from vfmtune.data.sources import from_imagefolder, packaged_dataset
-from vfmtune.data.splits import stratified_split
 
 BASE = ["backbone=dinov2_vits14", "finetune=frozen", "trainer.enable_progress_bar=false", "logger=none"]
 METHODS: dict[str, list[str]] = {
@@ -49,24 +45,7 @@ METHODS: dict[str, list[str]] = {
 
 def harsh_manifest(path: Path, seed: int, ratio: int) -> dict[str, dict[str, int]]:
     """Write a path,label,split manifest: test untouched, train and val subsampled to ratio:1."""
-    table = from_imagefolder(packaged_dataset("textile"))
-    splits = stratified_split(table.labels, 0.1, 0.2, seed=0, classes=table.classes)
-    nominal = table.classes.index("nominal")
-    rng = random.Random(seed)
-    rows, counts = [], {s: {c: 0 for c in table.classes} for s in ("train", "val", "test")}
-    for split in ("train", "val", "test"):
-        for c, cls in enumerate(table.classes):
-            paths = [p for p, y, s in zip(table.paths, table.labels, splits) if y == c and s == split]
-            if split != "test" and c != nominal:
-                n_nominal = sum(1 for y, s in zip(table.labels, splits) if y == nominal and s == split)
-                paths = rng.sample(sorted(paths), max(n_nominal // ratio, 1))
-            rows += [(p, cls, split) for p in paths]
-            counts[split][cls] = len(paths)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "split"])
-        writer.writerows(rows)
-    return counts
+    return vfmtune.subsample(path, "textile", ratio=ratio, majority="nominal", val_fraction=0.1, test_fraction=0.2, seed=seed)["counts"]
 
 
 def main() -> None:

@@ -61,6 +61,19 @@ def test_evaluate__recomputes_test_metrics(trained: tuple[Path, Path], tmp_path:
     assert eval_metrics["test/confusion_matrix"] == train_metrics["test/confusion_matrix"]
 
 
+def test_evaluate__writes_per_image_predictions(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    import vfmtune
+
+    _, run = trained
+    result = vfmtune.evaluate(overrides=[f"ckpt={run}", "split=val", "trainer.enable_progress_bar=false"], run_dir=tmp_path / "e")
+    rows = read_rows(tmp_path / "e" / "predictions.csv")
+    assert set(rows[0]) == {"path", "label", "class", "p_cat", "p_dog", "p_owl"}
+    assert [r["path"] for r in rows] == result["paths"] and result["probs"].shape == (len(rows), 3)
+    assert result["classes"] == ["cat", "dog", "owl"]
+    right = sum(r["label"] == r["class"] for r in rows) / len(rows)
+    assert right == pytest.approx(result["metrics"]["val/accuracy"])
+
+
 def test_evaluate__other_data_all_split(trained: tuple[Path, Path], tmp_path: Path) -> None:
     from conftest import make_imagefolder
 

@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load lazily below
+    from vfmtune import viz
     from vfmtune.backbones import ALIASES, create_backbone
     from vfmtune.commands.adapt import adapt_model
     from vfmtune.commands.auto_mask import auto_mask
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from vfmtune.commands.distill import distill
     from vfmtune.commands.embed import embed
     from vfmtune.commands.evaluate import evaluate
+    from vfmtune.commands.explore import explore
     from vfmtune.commands.export import export
     from vfmtune.commands.merge import export_merged
     from vfmtune.commands.predict import predict
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from vfmtune.commands.synth import synth
     from vfmtune.commands.train import train
     from vfmtune.config import Config, ConfigError, load_config
+    from vfmtune.data.subsets import subsample
     from vfmtune.loading import load_model
 
 _PUBLIC = {
@@ -45,6 +48,7 @@ _PUBLIC = {
     "distill": "vfmtune.commands.distill",
     "embed": "vfmtune.commands.embed",
     "evaluate": "vfmtune.commands.evaluate",
+    "explore": "vfmtune.commands.explore",
     "export": "vfmtune.commands.export",
     "export_merged": "vfmtune.commands.merge",
     "load_config": "vfmtune.config",
@@ -53,8 +57,11 @@ _PUBLIC = {
     "pseudo_label": "vfmtune.commands.pseudo_label",
     "shift": "vfmtune.commands.shift",
     "synth": "vfmtune.commands.synth",
+    "subsample": "vfmtune.data.subsets",
     "train": "vfmtune.commands.train",
 }
+# Public submodules: `vfmtune.viz.plot_embedding_map(...)` works after a bare `import vfmtune`.
+_MODULES = ("viz",)
 __all__ = [
     "ALIASES",
     "Config",
@@ -67,6 +74,7 @@ __all__ = [
     "distill",
     "embed",
     "evaluate",
+    "explore",
     "export",
     "export_merged",
     "load_config",
@@ -74,8 +82,10 @@ __all__ = [
     "predict",
     "pseudo_label",
     "shift",
+    "subsample",
     "synth",
     "train",
+    "viz",
 ]
 __version__ = "0.1.0"
 
@@ -83,4 +93,6 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _MODULES:
+        return importlib.import_module(f"vfmtune.{name}")
     raise AttributeError(f"module 'vfmtune' has no attribute {name!r}")

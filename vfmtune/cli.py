@@ -102,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"vfmtune: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
+    positional = COMMANDS[command].positional
+    if positional and rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        rest = [f"{positional}={rest[0]}", *rest[1:]]  # `vfmtune explore RUN` = `vfmtune explore ckpt=RUN`
     register_configs()
     flags, overrides = _split_args(rest)
     schema = COMMANDS[command].schema

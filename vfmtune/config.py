@@ -163,6 +163,8 @@ class Precision(Choice):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"  # GPUs only
+
+
 class SamPrompt(Choice):
     box = "box"  # a jittered box per instance
     point = "point"  # positive (and negative) points: ambiguous, so SAM's three masks decode and the best one trains
@@ -178,6 +180,11 @@ class Blend(Choice):
     none = "none"  # paste the pixels as they are
     gaussian = "gaussian"  # feather the object's edge with a Gaussian-blurred alpha (synth.sigma)
     poisson = "poisson"  # OpenCV's seamlessClone (Perez et al. 2003): gradients kept, colours matched to the background
+
+
+class Projection(Choice):
+    pca = "pca"
+    tsne = "tsne"  # scikit-learn's t-SNE on the first 50 principal components
 
 
 @dataclass
@@ -603,6 +610,31 @@ class SynthCommand(Config):
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
+@dataclass
+class ExploreConfig:
+    """What `vfmtune explore` draws (vfmtune.viz) into the run's plots/ folder."""
+
+    split: SplitName = SplitName.test  # the split whose misclassified images are shown
+    grid_per_class: int = 8  # class_grid.png: random images per class
+    projections: list[Projection] = field(default_factory=lambda: [Projection.pca, Projection.tsne])
+    outliers: int = 8  # embedding_map.png: images farthest from their class's mean embedding
+    # leakage.png: a test image this close (cosine distance of the mean-centred embeddings) to a training image counts as a
+    # near-duplicate; None: a tenth of the median distance between training images and their nearest neighbours
+    leakage_threshold: float | None = None
+    leakage_pairs: int = 8  # closest test/train pairs shown
+    patch_sizes: list[int] = field(default_factory=lambda: [224, 448])  # patch_pca.png: input sizes compared
+    patch_images: int = 6  # test images shown (round-robin over classes)
+    misclassified: int = 18  # misclassified_<split>.png: most confidently wrong first
+    output: str | None = None  # figures folder; default <RUN>/plots
+
+
+@dataclass
+class ExploreCommand(Config):
+    """`vfmtune explore RUN` (or `ckpt=RUN`)."""
+
+    explore: ExploreConfig = field(default_factory=ExploreConfig)
+
+
 # Hydra option of the `command` config group -> schema. `conf/config.yaml` starts from `command: train`;
 # the CLI selects `command=<name>` for the others.
 SCHEMAS: dict[str, type[Config]] = {
@@ -620,6 +652,7 @@ SCHEMAS: dict[str, type[Config]] = {
     "adapt": AdaptCommand,
     "auto_mask": AutoMaskCommand,
     "synth": SynthCommand,
+    "explore": ExploreCommand,
 }
 
 

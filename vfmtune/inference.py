@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from vfmtune.config import Config
 from vfmtune.device import compute_device
 from vfmtune.faults import fault_point
+from vfmtune.io import atomic_path
 from vfmtune.metrics import MetricSpec
 from vfmtune.precision import resolve_precision
 
@@ -45,15 +48,30 @@ def run_inference(module: nn.Module, dataset: Dataset, config: Config) -> torch.
 
 
 @torch.inference_mode()
-def score(module: nn.Module, loader: DataLoader, spec: MetricSpec, classes: Sequence[str], prefix: str, config: Config) -> dict[str, Any]:
+def score(module: nn.Module, loader: DataLoader, spec: MetricSpec, classes: Sequence[str], prefix: str, config: Config,
+          outputs: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """The metrics of `module` on the `(inputs, targets)` batches of `loader`, keyed `<prefix>/<metric>` as in
-    metrics.json (precision as in `run_inference`)."""
+    metrics.json (precision as in `run_inference`); each batch's outputs are appended to `outputs` (on the CPU)
+    when a list is given."""
     device = compute_device(config)
     module = module.eval().to(device)
     metrics = spec.build(classes).to(device)
     autocast = _autocast(loader.dataset, config)
     for x, y in loader:
         with autocast():
-            outputs = module(x.to(device))
-        spec.update(metrics, outputs.float(), y.to(device))
+            out = module(x.to(device))
+        spec.update(metrics, out.float(), y.to(device))
+        if outputs is not None:
+            outputs.append(out.float().cpu())
     return spec.results(metrics.compute(), prefix, classes)
+
+
+def write_class_predictions(path: str | os.PathLike[str], paths: Sequence[str], probs: torch.Tensor, classes: Sequence[str],
+                            labels: Sequence[int] | None = None) -> None:
+    """`predictions.csv`: path, the true label (when known), the predicted class and every class's probability."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", *(["label"] if labels is not None else []), "class", *(f"p_{c}" for c in classes)])
+        for k, (p, row) in enumerate(zip(paths, probs.tolist())):
+            known = [classes[labels[k]]] if labels is not None else []
+            writer.writerow([p, *known, classes[int(row.index(max(row)))], *(f"{v:.6f}" for v in row)])

@@ -16,6 +16,7 @@ class Command(NamedTuple):
     schema: str  # vfmtune.config.SCHEMAS key
     summary: str
     example: str
+    positional: str | None = None  # `vfmtune <command> VALUE` means `<command> <positional>=VALUE`
 
 
 COMMANDS: dict[str, Command] = {
@@ -46,6 +47,8 @@ COMMANDS: dict[str, Command] = {
                          "vfmtune auto-mask model=mobile_sam images=DIR boxes=boxes.csv"),
     "synth": Command("vfmtune.commands.synth:synth", "synth", "cut-paste scenes with masks, COCO",
                      "vfmtune synth objects=RUN n=200"),
+    "explore": Command("vfmtune.commands.explore:explore", "explore", "data-look figures of a run -> RUN/plots",
+                       "vfmtune explore RUN_DIR", positional="ckpt"),
 }
 
 

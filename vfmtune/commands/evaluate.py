@@ -7,10 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vfmtune.config import Config, ConfigError, EvaluateCommand, SplitName
 from vfmtune.data.images import DataError
 from vfmtune.data.prepare import align_classes
-from vfmtune.inference import score
+from vfmtune.inference import score, write_class_predictions
 from vfmtune.io import write_json
 from vfmtune.loading import load_model, model_task
 from vfmtune.run import ConfigLike, command_config, make_run_dir, quiet, with_overrides
@@ -22,6 +24,12 @@ def evaluate(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: 
     data named by `data.*` overrides (e.g. `data.root=/new/images split=all`). With `predictions=DIR` instead
     of a ckpt, score a `vfmtune auto-mask` output against the instances of `data.*` (instance IoU, Dice,
     mask AP, panoptic quality).
+
+    A classifier also writes `predictions.csv` (path, label, predicted class, every class's probability).
+
+    Returns:
+        `{"run_dir", "metrics"}`; for classifiers also `"predictions"` (the CSV), `"paths"`, `"labels"`,
+        `"probs"` (`[N, C]` numpy array), in the split's order, and `"classes"`.
 
     Example:
         >>> vfmtune.evaluate(overrides=["ckpt=runs/train/<date>", "split=val"])["metrics"]["val/macro_f1"]
@@ -49,12 +57,20 @@ def evaluate(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: 
     if config.split != SplitName.all and split not in prepared.splits:
         raise DataError(f"The {split} split of this data is empty; use split=all to evaluate every image.")
     module, batches = task.evaluation(run_cfg, model, prepared, split)
-    metrics = score(module, batches, task.metrics, model.classes, split, run_cfg)
+    outputs: list[torch.Tensor] | None = [] if task.target == "class" else None  # masks would not fit in memory
+    metrics = score(module, batches, task.metrics, model.classes, split, run_cfg, outputs)
     metrics["checkpoint"] = str(config.ckpt)
     task.report(metrics, model.classes, out, [split])
     write_json(out / "metrics.json", metrics)
+    result: dict[str, Any] = {"run_dir": str(out), "metrics": metrics}
+    if outputs is not None:
+        paths, labels = prepared.subset(split)
+        probs = torch.cat(outputs).softmax(-1) if outputs else torch.empty(0, len(model.classes))
+        write_class_predictions(out / "predictions.csv", paths, probs, model.classes, labels)
+        result.update({"predictions": str(out / "predictions.csv"), "paths": paths, "labels": labels, "probs": probs.numpy(),
+                       "classes": list(model.classes)})
     print(f"run directory: {out}")
-    return {"run_dir": str(out), "metrics": metrics}
+    return result
 
 
 def trained_run_config(trained: Config, config: Config, overrides: Sequence[str]) -> Config:

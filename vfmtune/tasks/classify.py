@@ -7,7 +7,6 @@ fold ensemble. Anything that trains the backbone (or unfreezes it later) sees im
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,8 +28,7 @@ from vfmtune.data.prepare import Prepared, list_images, train_class_counts, trai
 from vfmtune.data.transforms import build_transforms
 from vfmtune.device import Shard
 from vfmtune.embedding_cache import embed_images
-from vfmtune.inference import eval_loader, run_inference
-from vfmtune.io import atomic_path
+from vfmtune.inference import eval_loader, run_inference, write_class_predictions
 from vfmtune.metrics import ClassMetrics
 from vfmtune.report import classification_report
 from vfmtune.sampling import build_sampler, check_imbalance_options, resample_embeddings
@@ -193,11 +191,7 @@ class ClassifyTask(Task):
         """`predictions.csv`: path, predicted class and every class's probability."""
         probs = run_inference(model, images, config).softmax(-1)
         path = out / "predictions.csv"
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "class", *(f"p_{c}" for c in model.classes)])
-            for p, row in zip(images.paths, probs.tolist()):
-                writer.writerow([p, model.classes[int(row.index(max(row)))], *(f"{v:.6f}" for v in row)])
+        write_class_predictions(path, images.paths, probs, model.classes)
         print(f"{len(images.paths)} predictions written to {path}")
         return {"predictions": str(path)}
 
