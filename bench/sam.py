@@ -108,6 +108,8 @@ def part_finetune(data: Path, work: Path, seeds: list[int], epochs: int, lora_ep
               "trainer.precision=bf16-mixed", *extra]
     runs = {"decoder": ["finetune=frozen", f"trainer.max_epochs={epochs}"],
             "lora": ["finetune=lora", "finetune.rank=4", f"trainer.max_epochs={lora_epochs}"]}
+    if lora_epochs == 0:  # --lora-epochs 0: the decoder fine-tune only
+        del runs["lora"]
     for seed in seeds:
         zs = zero_shot("mobile_sam", data / "nuclei", "test", work / f"zs_seed{seed}", f"data.seed={seed}", *common[2:])
         figures.update({f"finetune.seed{seed}.zeroshot.{k}": v for k, v in zs.items()})
@@ -132,7 +134,7 @@ def part_finetune(data: Path, work: Path, seeds: list[int], epochs: int, lora_ep
             if values:
                 figures[f"finetune.{name}.{key}.mean"] = round(statistics.mean(values), 4)
                 figures[f"finetune.{name}.{key}.std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
-    figures["finetune.settings"] = " ".join([*common, "| decoder:", *runs["decoder"], "| lora:", *runs["lora"]])
+    figures["finetune.settings"] = " ".join([*common, *(w for name, args in runs.items() for w in (f"| {name}:", *args))])
     return figures
 
 
@@ -218,7 +220,7 @@ def main() -> None:
     parser.add_argument("--part", nargs="+", choices=["zeroshot", "finetune", "speed"], default=["zeroshot", "finetune", "speed"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=8, help="decoder-only fine-tune epochs")
-    parser.add_argument("--lora-epochs", type=int, default=4)
+    parser.add_argument("--lora-epochs", type=int, default=4, help="0: no LoRA run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for every fine-tune (e.g. optim.lr=3e-4)")
     args = parser.parse_args()

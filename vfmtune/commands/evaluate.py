@@ -37,7 +37,7 @@ def evaluate(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: 
     """
     config = command_config(cfg, overrides, EvaluateCommand, "evaluate")
     if config.predictions:
-        from vfmtune.cache import cache_dir
+        from vfmtune.cache_dir import cache_dir
         from vfmtune.instance_metrics import score_predictions
 
         out = make_run_dir(run_dir, "evaluate")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from vfmtune.cache import cache_dir
+from vfmtune.cache_dir import cache_dir
 from vfmtune.config import Config, ConfigError, DataConfig, SynthCommand, to_container, typed
 from vfmtune.data.cutpaste import check_blend, compose, cut_objects, scene_from
 from vfmtune.data.images import DataError

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vfmtune.cache import cache_dir
+from vfmtune.cache_dir import cache_dir
 from vfmtune.config import Config, ConfigError, ExportCommand, typed
 from vfmtune.data.instances import instance_source, load_instances
 from vfmtune.data.prepare import Prepared, prepare_masks

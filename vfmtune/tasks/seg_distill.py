@@ -24,10 +24,9 @@ from vfmtune.data.datamodule import SplitData
 from vfmtune.data.images import load_image
 from vfmtune.data.masks import IGNORE_INDEX, ColourTable, load_mask
 from vfmtune.data.paired import PairedTransform, build_paired_transforms, image_transform
-from vfmtune.data.prepare import Prepared
+from vfmtune.data.prepare import Prepared, training_only_images
 from vfmtune.embedding_cache import embed_images
 from vfmtune.tasks.base import Setup
-from vfmtune.tasks.distill import unlabelled_paths
 from vfmtune.tasks.seg_distiller import SegDistiller
 from vfmtune.tasks.segment import MaskTargets, SegmentTask, check_mask_data, training_window, uniform_eval_sizes
 from vfmtune.tasks.segmenter import Segmenter
@@ -89,7 +88,8 @@ class SegDistillTask(SegmentTask):
         masks = list(masks)
         if d.unlabeled:
             held = [p for s in ("val", "test") for p in prepared.subset(s)[0]]
-            extra = unlabelled_paths(config, held)
+            extra = training_only_images(d.unlabeled, held, d, "data.unlabeled",
+                                         "Teacher-labelled images may only be trained on; evaluation stays on human-labelled data.")
             print(f"{len(extra)} unlabelled images added to training (teacher targets only)")
             paths, masks = paths + extra, masks + [None] * len(extra)
         logits = None
