@@ -495,7 +495,8 @@ def plot_resampling(features: ArrayLike, labels: Sequence[int], classes: Sequenc
     import torch
     from sklearn.decomposition import PCA
 
-    from vfmtune.config import ResampleConfig, ResampleMethod
+    from vfmtune.choices import ResampleMethod
+    from vfmtune.config import ResampleConfig
     from vfmtune.sampling import resample_embeddings
 
     x, y = np.asarray(features, dtype=np.float32), np.asarray(labels)

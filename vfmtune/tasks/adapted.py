@@ -16,7 +16,8 @@ from torch import nn
 from typing_extensions import override
 
 from vfmtune.adapt.freeze import is_frozen, keep_frozen_bn_eval
-from vfmtune.config import Config, FinetuneMode
+from vfmtune.choices import FinetuneMode
+from vfmtune.config import Config
 from vfmtune.optim import backbone_param_groups, build_optimizer, build_schedule, weight_decay_groups
 from vfmtune.tasks.base import TaskModule
 

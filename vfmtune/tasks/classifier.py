@@ -12,7 +12,9 @@ from typing_extensions import override
 from vfmtune.adapt.backbone import adapted_backbone
 from vfmtune.adapt.domain import DomainClassifier, coral_loss
 from vfmtune.checkpoint import FROZEN_WEIGHTS, complete_checkpoints, fill_frozen, strip_frozen
-from vfmtune.config import AdaptMethod, Config, HeadConfig, HeadType, to_container, typed
+from vfmtune.choices import AdaptMethod, HeadType
+from vfmtune.compose import to_container, typed
+from vfmtune.config import Config, HeadConfig
 from vfmtune.embedding_cache import weights_digest
 from vfmtune.losses import build_loss
 from vfmtune.metrics import ClassMetrics

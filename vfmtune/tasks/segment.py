@@ -23,7 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from vfmtune.adapt.freeze import is_frozen, param_table
 from vfmtune.adapt.progressive import progressive_callback
-from vfmtune.config import Config, ConfigError, DataConfig, typed
+from vfmtune.choices import ConfigError
+from vfmtune.compose import typed
+from vfmtune.config import Config, DataConfig
 from vfmtune.data.coco import from_coco
 from vfmtune.data.datamodule import SplitData
 from vfmtune.data.images import DataError, load_image

@@ -12,7 +12,8 @@ from typing_extensions import override
 
 from vfmtune.adapt.backbone import adapted_backbone
 from vfmtune.backbones import data_config, patch_tokens
-from vfmtune.config import Config, to_container, typed
+from vfmtune.compose import to_container, typed
+from vfmtune.config import Config
 from vfmtune.metrics import MaskMetrics
 from vfmtune.seg_losses import build_seg_loss
 from vfmtune.tasks.adapted import AdaptedModule
