@@ -83,6 +83,11 @@ class Segmenter(AdaptedModule):
             return [self.head.norm]
         return [self.head.project[0]] if isinstance(self.head, LightDecoder) else []
 
+    @property
+    @override
+    def cached_input(self) -> bool:
+        return self.tokens_input
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images `[B, 3, S, S]` -> the head's input `[B, C, h, w]` (what the patch-token cache stores)."""
         return encode(self.backbone, images, self.layers)
