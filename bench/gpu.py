@@ -18,7 +18,7 @@ from common import write_results
 from torch.utils.data import DataLoader, TensorDataset
 
 from vfmtune.backbones import create_backbone
-from vfmtune.config import load_config, to_container
+from vfmtune.compose import load_config, to_container
 from vfmtune.run import build_trainer
 from vfmtune.tasks.classifier import Classifier
 

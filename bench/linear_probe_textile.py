@@ -26,7 +26,7 @@ from sklearn.preprocessing import StandardScaler
 
 import vfmtune
 from vfmtune.backbones import create_backbone
-from vfmtune.config import typed
+from vfmtune.compose import typed
 from vfmtune.precision import resolve_precision
 
 RECIPE = ["recipes=dinov2_vits14_frozen_textile", "trainer.enable_progress_bar=false"]

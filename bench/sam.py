@@ -38,7 +38,8 @@ from common import RESULTS, write_results
 from PIL import Image
 
 import vfmtune
-from vfmtune.config import DataConfig, load_config, typed
+from vfmtune.compose import load_config, typed
+from vfmtune.config import DataConfig
 from vfmtune.inference import score
 from vfmtune.sam import SamPromptPredictor, create_sam
 from vfmtune.tasks import get_task

@@ -31,7 +31,7 @@ from vfmtune.tasks import TASKS
 
 def split_run(data: Path, work: Path, seed: int) -> Path:
     """A zero-epoch-cost run whose splits.csv fixes the seed's split (task=sam_prompt prepares exactly as segment)."""
-    from vfmtune.config import load_config, typed
+    from vfmtune.compose import load_config, typed
     from vfmtune.run import start_run
     from vfmtune.tasks import get_task
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from common import textile_subset_manifest, write_results
 
 from vfmtune.backbones import create_backbone, data_config
-from vfmtune.config import Precision, typed
+from vfmtune.choices import Precision
+from vfmtune.compose import typed
 from vfmtune.precision import Resolved, resolve_precision
 from vfmtune.tasks.classifier import Classifier
 

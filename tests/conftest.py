@@ -74,7 +74,7 @@ def distill_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def section(key: str, /, **values: object) -> object:
     """One typed config section from plain values, validated like a composed config (enums, types)."""
-    from vfmtune.config import typed
+    from vfmtune.compose import typed
 
     return getattr(typed({key: values}), key)
 

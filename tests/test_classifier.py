@@ -9,7 +9,8 @@ import torch
 
 from vfmtune.adapt.freeze import apply_finetune, block_groups, param_table
 from vfmtune.backbones import create_backbone
-from vfmtune.config import ConfigError, load_config, to_container
+from vfmtune.choices import ConfigError
+from vfmtune.compose import load_config, to_container
 from vfmtune.optim import cosine_with_warmup
 from vfmtune.tasks.classifier import Classifier
 

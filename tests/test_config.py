@@ -8,7 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from vfmtune.config import ConfigError, config_dirs, load_config, safe_instantiate, to_container, typed
+from vfmtune.choices import ConfigError
+from vfmtune.compose import config_dirs, load_config, safe_instantiate, to_container, typed
 from vfmtune.tasks.classifier import Classifier
 from vfmtune.tasks.distiller import Distiller
 from vfmtune.tasks.sam_prompter import SamPrompter

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from conftest import SEG_STUDENT, TINY, TINY_STUDENT, make_imagefolder, make_mask_folder, read_rows
 
+from vfmtune.choices import ConfigError
 from vfmtune.cli import main
 from vfmtune.commands.distill import distill
 from vfmtune.commands.pseudo_label import pseudo_label
-from vfmtune.config import ConfigError, load_config, to_container
+from vfmtune.compose import load_config, to_container
 from vfmtune.data.images import DataError
 from vfmtune.loading import load_model
 from vfmtune.tasks.distiller import STUDENTS, Distiller, resolve_student

@@ -280,7 +280,7 @@ def test_booby_trapped_adapter__refused_without_running(tmp_path: Path) -> None:
 def test_booby_trapped_recipe__refused_without_running(tmp_path: Path, monkeypatch, imagefolder: Path) -> None:
     import shutil
 
-    import vfmtune.config as config
+    import vfmtune.compose as config
     from vfmtune.commands.train import train
 
     conf, _ = config.config_dirs()

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import TINY
 
+from vfmtune.choices import ConfigError
 from vfmtune.commands.train import train
-from vfmtune.config import ConfigError, load_config, to_container
+from vfmtune.compose import load_config, to_container
 from vfmtune.tasks.classifier import Classifier
 
 

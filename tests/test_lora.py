@@ -10,10 +10,11 @@ import torch
 from conftest import TINY
 
 from vfmtune.adapt.lora import merge_lora
+from vfmtune.choices import ConfigError
 from vfmtune.commands.evaluate import evaluate
 from vfmtune.commands.merge import export_merged
 from vfmtune.commands.train import train
-from vfmtune.config import ConfigError, load_config, to_container
+from vfmtune.compose import load_config, to_container
 from vfmtune.loading import load_model
 from vfmtune.tasks.classifier import Classifier
 from vfmtune.tasks.classify import load_adapter_run as load_adapter

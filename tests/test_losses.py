@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import section
 from sklearn.utils.class_weight import compute_class_weight
 
-from vfmtune.config import ConfigError
+from vfmtune.choices import ConfigError
 from vfmtune.losses import FocalLoss, LogitAdjustedLoss, build_loss, class_weights
 
 COUNTS = [700, 35, 35]

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vfmtune.config import AugmentConfig, ConfigError
+from vfmtune.choices import ConfigError
+from vfmtune.config import AugmentConfig
 from vfmtune.data.images import DataError
 from vfmtune.data.paired import SegmentationDataset, build_paired_transforms
 

@@ -10,7 +10,8 @@ import torch
 from conftest import TINY, make_imagefolder
 
 from vfmtune.backbones import create_backbone
-from vfmtune.config import ConfigError, Precision, typed
+from vfmtune.choices import ConfigError, Precision
+from vfmtune.compose import typed
 from vfmtune.embedding_cache import EmbeddingCache, embed_images
 from vfmtune.precision import Resolved, choose_precision, resolve_precision, trainer_precision
 

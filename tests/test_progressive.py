@@ -10,8 +10,9 @@ from conftest import TINY, make_imagefolder
 
 from vfmtune.adapt.freeze import named_groups, param_table
 from vfmtune.adapt.progressive import resolve_schedule
+from vfmtune.choices import ConfigError
 from vfmtune.commands.train import train
-from vfmtune.config import ConfigError, load_config, to_container
+from vfmtune.compose import load_config, to_container
 from vfmtune.tasks.classifier import Classifier
 
 

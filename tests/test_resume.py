@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, make_imagefolder
+from conftest import TINY, make_imagefolder, make_mask_folder
 
 from vfmtune.commands.distill import distill
 from vfmtune.commands.train import train
@@ -131,6 +131,33 @@ def test_cached_head__checkpoints_name_the_frozen_backbone_until_fit_ends_then_h
     torch.save(stopped, tmp_path / "moved.ckpt")
     with pytest.raises(ValueError, match="frozen backbone had weights"):
         load_model(tmp_path / "moved.ckpt")
+
+
+def test_cached_tokens__segmenter_checkpoints_name_the_backbone_until_fit_ends(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from vfmtune.backbones import create_backbone
+    from vfmtune.checkpoint import FROZEN_WEIGHTS
+    from vfmtune.loading import load_model
+
+    weights = tmp_path / "test_vit.safetensors"
+    save_file(create_backbone("timm/test_vit", weights="none", img_size=64).state_dict(), str(weights))
+    data = make_mask_folder(tmp_path / "masks", n=12)
+    overrides = [*TINY, "task=segment", f"data.root={data}", "backbone.weights=file", f"backbone.path={weights}",
+                 "trainer.max_epochs=3", "early_stopping.enabled=false"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(overrides=overrides, run_dir=tmp_path / "part", callbacks=[CrashAfter(2)])
+    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    stopped = torch.load(last, weights_only=True)
+    assert FROZEN_WEIGHTS in stopped and not any(k.startswith("backbone.") for k in stopped["state_dict"])
+    model = load_model(last)  # evaluate / predict rebuild the backbone from the config, checked by digest
+    torch.testing.assert_close(model.head.state_dict(), {k.removeprefix("head."): v for k, v in stopped["state_dict"].items()
+                                                         if k.startswith("head.")})
+    resumed = train(overrides=[*overrides, f"ckpt={last}"], run_dir=tmp_path / "resumed")
+    assert resumed["metrics"]["epochs"] == 3
+    for name in ("best", "last"):  # finished: self-contained files
+        done = torch.load(tmp_path / "resumed" / "checkpoints" / f"{name}.ckpt", weights_only=True)
+        assert FROZEN_WEIGHTS not in done and any(k.startswith("backbone.") for k in done["state_dict"])
 
 
 def test_seg_distill_resume__equals_uninterrupted_run(seg_distill_runs: dict[str, Path], tmp_path: Path) -> None:

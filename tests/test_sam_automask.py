@@ -165,7 +165,7 @@ def test_auto_mask__a_classifier_run_is_not_a_sam_checkpoint(data: Path, tmp_pat
     from conftest import TINY as TINY_CLASSIFIER
     from conftest import make_imagefolder
 
-    from vfmtune.config import ConfigError
+    from vfmtune.choices import ConfigError
 
     images = make_imagefolder(tmp_path / "cls", {"cat": 6, "dog": 6})
     main(["train", *TINY_CLASSIFIER, f"data.root={images}", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'cls_run'}"])

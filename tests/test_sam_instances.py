@@ -12,7 +12,8 @@ import torch
 from conftest import make_instance_data
 from PIL import Image
 
-from vfmtune.config import ConfigError, DataConfig
+from vfmtune.choices import ConfigError
+from vfmtune.config import DataConfig
 from vfmtune.data.images import DataError
 from vfmtune.data.instances import components, instance_source, load_instances
 from vfmtune.instance_metrics import InstanceMetrics

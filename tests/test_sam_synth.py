@@ -125,8 +125,8 @@ def test_synthetic__cut_from_validation_or_test_images_is_refused(sam_run: dict,
 def test_synthetic__refused_for_tasks_without_masks(imagefolder: Path, tmp_path: Path) -> None:
     from conftest import TINY
 
+    from vfmtune.choices import ConfigError
     from vfmtune.commands.train import train
-    from vfmtune.config import ConfigError
 
     with pytest.raises(ConfigError, match="task=classify cannot use them"):
         train(overrides=[*TINY, f"data.root={imagefolder}", f"data.synthetic={tmp_path}"], run_dir=tmp_path / "r")

@@ -16,8 +16,8 @@ from PIL import Image
 
 pytest.importorskip("segment_anything", reason="vfmtune.sam needs: pip install segment-anything==1.0")
 
+from vfmtune.choices import ConfigError
 from vfmtune.cli import main
-from vfmtune.config import ConfigError
 
 
 def test_train__writes_instance_metrics_per_class(sam_run: dict) -> None:
@@ -120,7 +120,7 @@ def test_predict__points_to_auto_mask(sam_run: dict, tmp_path: Path) -> None:
 
 
 def test_model_group__selects_the_sam(tmp_path: Path) -> None:
-    from vfmtune.config import load_config
+    from vfmtune.compose import load_config
 
     assert load_config("task=sam_prompt", "model=lite_medsam").sam.model == "lite_medsam"
     assert load_config("model=sam_vit_b", command="auto_mask").sam.model == "sam_vit_b"

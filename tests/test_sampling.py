@@ -9,7 +9,7 @@ import torch
 from conftest import section
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
-from vfmtune.config import ConfigError
+from vfmtune.choices import ConfigError
 from vfmtune.sampling import RESAMPLERS, BalancedSampler, check_resample, resample_embeddings
 
 LABELS = [0] * 90 + [1] * 10

@@ -13,8 +13,8 @@ import torch
 from conftest import TINY, make_mask_folder, read_rows
 from PIL import Image
 
+from vfmtune.choices import SegHead, SegLoss
 from vfmtune.cli import main
-from vfmtune.config import SegHead, SegLoss
 from vfmtune.metrics import MaskMetrics
 from vfmtune.seg_losses import SegmentationLoss, soft_dice
 from vfmtune.tasks.seg_heads import LightDecoder, LinearHead, build_seg_head
@@ -151,7 +151,7 @@ def test_soft_dice__perfect_and_worst() -> None:
 
 
 def test_class_weights_from_training_pixels() -> None:
-    from vfmtune.config import typed
+    from vfmtune.compose import typed
     from vfmtune.seg_losses import build_seg_loss
 
     loss = build_seg_loss(typed({"segment": {"loss": "ce", "class_weights": "balanced"}}).segment, [900, 100])

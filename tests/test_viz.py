@@ -174,3 +174,22 @@ def test_plot_resampling__before_and_after(data: dict, method: str, tmp_path: Pa
     before, after = (ax.get_title() for ax in fig.axes)
     assert before == "before: 30 training embeddings"
     assert after == ("after smote: 60 training embeddings" if method == "smote" else "after random_under: 12 training embeddings")
+
+
+def test_mask_figures__overlays_with_foreground_iou_and_instances_with_boxes(data: dict, tmp_path: Path) -> None:
+    truth = np.zeros((32, 32), np.uint8)
+    truth[4:12, 4:12] = 1
+    pred = np.zeros_like(truth)
+    pred[4:12, 8:16] = 1
+    Image.fromarray(pred).save(tmp_path / "pred.png")
+    assert viz.foreground_iou(truth, tmp_path / "pred.png") == pytest.approx(32 / 96)  # a PNG path or an array
+    assert viz.foreground_iou(np.zeros((4, 4)), np.zeros((4, 4))) is None
+    paths = data["paths"][:2]
+    size = Image.open(paths[0]).size[::-1]
+    truths = [np.resize(truth, size)] * 2
+    fig = check(viz.plot_mask_comparison(paths, truths, {"a": truths, "b": truths}), tmp_path)
+    assert len(fig.axes) == 8 and fig.axes[4].get_title() == "foreground IoU 1.00"
+    ids = np.zeros(size, np.uint16)
+    ids[2:6, 2:6], ids[8:12, 8:12] = 1, 2
+    fig = check(viz.plot_instances(paths, [ids, ids], [[(2, 2, 6, 6)], []], [[0.91], []], truths=[ids, ids], columns=2), tmp_path)
+    assert fig.axes[0].texts[0].get_text() == "0.91" and len(fig.axes[0].patches) == 1

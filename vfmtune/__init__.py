@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load lazily below
     from vfmtune import viz
     from vfmtune.backbones import ALIASES, create_backbone
+    from vfmtune.choices import ConfigError
     from vfmtune.commands.adapt import adapt_model
     from vfmtune.commands.auto_mask import auto_mask
     from vfmtune.commands.cache import cache
@@ -32,7 +33,8 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from vfmtune.commands.shift import shift
     from vfmtune.commands.synth import synth
     from vfmtune.commands.train import train
-    from vfmtune.config import Config, ConfigError, load_config
+    from vfmtune.compose import load_config
+    from vfmtune.config import Config
     from vfmtune.data.subsets import subsample
     from vfmtune.loading import load_model
 
@@ -41,7 +43,7 @@ _PUBLIC = {
     "adapt_model": "vfmtune.commands.adapt",
     "auto_mask": "vfmtune.commands.auto_mask",
     "Config": "vfmtune.config",
-    "ConfigError": "vfmtune.config",
+    "ConfigError": "vfmtune.choices",
     "cache": "vfmtune.commands.cache",
     "create_backbone": "vfmtune.backbones",
     "cv": "vfmtune.commands.cv",
@@ -51,7 +53,7 @@ _PUBLIC = {
     "explore": "vfmtune.commands.explore",
     "export": "vfmtune.commands.export",
     "export_merged": "vfmtune.commands.merge",
-    "load_config": "vfmtune.config",
+    "load_config": "vfmtune.compose",
     "load_model": "vfmtune.loading",
     "predict": "vfmtune.commands.predict",
     "pseudo_label": "vfmtune.commands.pseudo_label",

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from vfmtune.choices import ConfigError
 from vfmtune.commands import COMMANDS, command_function
-from vfmtune.config import ConfigError, config_dirs, load_config, register_configs
+from vfmtune.compose import config_dirs, load_config, register_configs
 
 
 def usage() -> str:

@@ -3,188 +3,44 @@
 Sections (`BackboneConfig`, `DataConfig`, ...) are shared by every command; each command has its
 own schema (`Config` for `vfmtune train`, `EvaluateCommand` for `vfmtune evaluate`, ...) that adds
 its arguments, so `vfmtune train teacher=...` is an unknown key, not a silently ignored one.
-Enum-like fields are `Choice` enums: OmegaConf rejects any other value when the config is
-composed, listing the valid ones, so no module re-checks them. `conf/` holds small YAML diffs
+Enum-like fields are `Choice` enums (`vfmtune.choices`): OmegaConf rejects any other value when the
+config is composed, listing the valid ones, so no module re-checks them. Composing a config from
+`conf/`, recipes and overrides, and reading it back typed, is `vfmtune.compose`. `conf/` holds small YAML diffs
 against these defaults; `recipes/` holds complete experiments. `trainer` is `lightning.Trainer`'s
 own signature (read from it, not repeated here); `callbacks` are allow-listed `_target_` entries.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from dataclasses import dataclass, field
-from enum import Enum
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and the fix."""
-
-
-class Choice(str, Enum):
-    """An enum-like config value: compares equal to, prints as and is stored as its string."""
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
-
-    @classmethod
-    def parse(cls, value: Any, key: str) -> Choice:
-        """`value` as a member, for code called without a composed config; else a ConfigError naming `key`."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(m.value for m in cls)}.") from None
-
-
-class WeightsSource(Choice):
-    hub = "hub"
-    file = "file"
-    packaged = "packaged"
-    none = "none"
-
-
-class OnBadImage(Choice):
-    error = "error"  # stop with a report of every bad file
-    skip = "skip"  # drop and count them
-
-
-class SamplerName(Choice):
-    shuffle = "shuffle"
-    balanced = "balanced"
-
-
-class HeadType(Choice):
-    linear = "linear"
-    mlp = "mlp"
-
-
-class FinetuneMode(Choice):
-    frozen = "frozen"
-    last_blocks = "last_blocks"
-    full = "full"
-    progressive = "progressive"
-    lora = "lora"
-
-
-class SchedName(Choice):
-    cosine = "cosine"
-    step = "step"
-    onecycle = "onecycle"
-    none = "none"
-
-
-class SegHead(Choice):
-    linear = "linear"  # DINOv2's linear evaluation head: BatchNorm + 1x1 conv on the last layer's patch tokens
-    linear_ms = "linear_ms"  # the same on the last 4 layers' tokens, concatenated
-    decoder = "decoder"  # a light progressive-upsampling decoder over the last 4 layers
-
-
-class SegLoss(Choice):
-    ce = "ce"
-    dice = "dice"
-    focal = "focal"
-    ce_dice = "ce_dice"
-    focal_dice = "focal_dice"
-
-
-class LossName(Choice):
-    ce = "ce"
-    weighted_ce = "weighted_ce"
-    focal = "focal"
-
-
-class ResampleMethod(Choice):
-    none = "none"
-    smote = "smote"
-    adasyn = "adasyn"
-    borderline_smote = "borderline_smote"
-    random_over = "random_over"
-    random_under = "random_under"
-    smote_tomek = "smote_tomek"
-
-
-class AdaptMethod(Choice):
-    none = "none"
-    coral = "coral"  # align feature covariances of source and target batches while training (Sun & Saenko 2016)
-    dann = "dann"  # a domain classifier behind gradient reversal while training (Ganin et al. 2016)
-    self_training = "self_training"  # rounds of training on the source + confident, class-balanced pseudo-labels
-    adabn = "adabn"  # BatchNorm statistics re-estimated on target images (Li et al. 2016); vfmtune adapt
-    tent = "tent"  # entropy minimised on target images through the norm layers' affine parameters (Wang et al. 2021)
-
-
-class LoggerName(Choice):
-    csv = "csv"
-    tensorboard = "tensorboard"
-    none = "none"
-
-
-class SplitName(Choice):
-    train = "train"
-    val = "val"
-    test = "test"
-    all = "all"
-
-
-class FeatureLoss(Choice):
-    cosine = "cosine"
-    mse = "mse"
-
-
-class DenseKD(Choice):
-    pixel = "pixel"
-    channel = "channel"
-
-
-class StudentWeights(Choice):
-    auto = "auto"  # packaged, else hub, else none
-    packaged = "packaged"
-    hub = "hub"
-    none = "none"
-
-
-class ExportFormat(Choice):
-    onnx = "onnx"
-    torchscript = "torchscript"
-
-
-class Quantize(Choice):
-    int8 = "int8"
-
-
-class Precision(Choice):
-    auto = "auto"  # bf16 where the CPU / GPU computes it natively, else fp32 (vfmtune.precision)
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"  # GPUs only
-
-
-class SamPrompt(Choice):
-    box = "box"  # a jittered box per instance
-    point = "point"  # positive (and negative) points: ambiguous, so SAM's three masks decode and the best one trains
-    mixed = "mixed"  # a box or points with equal probability per instance and step, as in SAM's own training
-
-
-class OnBadBox(Choice):
-    error = "error"  # stop before writing anything, listing every box with no area inside its image
-    skip = "skip"  # drop them, count them and list them in review.csv
-
-
-class Blend(Choice):
-    none = "none"  # paste the pixels as they are
-    gaussian = "gaussian"  # feather the object's edge with a Gaussian-blurred alpha (synth.sigma)
-    poisson = "poisson"  # OpenCV's seamlessClone (Perez et al. 2003): gradients kept, colours matched to the background
-
-
-class Projection(Choice):
-    pca = "pca"
-    tsne = "tsne"  # scikit-learn's t-SNE on the first 50 principal components
+from vfmtune.choices import (
+    AdaptMethod,
+    Blend,
+    DenseKD,
+    ExportFormat,
+    FeatureLoss,
+    FinetuneMode,
+    HeadType,
+    LoggerName,
+    LossName,
+    OnBadBox,
+    OnBadImage,
+    Precision,
+    Projection,
+    Quantize,
+    ResampleMethod,
+    SamplerName,
+    SamPrompt,
+    SchedName,
+    SegHead,
+    SegLoss,
+    SplitName,
+    StudentWeights,
+    WeightsSource,
+)
 
 
 @dataclass
@@ -654,145 +510,3 @@ SCHEMAS: dict[str, type[Config]] = {
     "synth": SynthCommand,
     "explore": ExploreCommand,
 }
-
-
-def register_configs() -> None:
-    """Register the schemas so that `conf/config.yaml` can extend them (type-checked, unknown keys rejected)."""
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    for name, schema in SCHEMAS.items():
-        store.store(group="command", name=name, node=schema, package="_global_")
-
-
-# Hydra's `instantiate` will import and call anything a YAML file names; configs may come from
-# users or shared recipes, so only classes from these packages may be built from them.
-ALLOWED_TARGET_PREFIXES = (
-    "torch.", "timm.", "lightning.", "torchmetrics.", "vfmtune.", "peft.", "sklearn.", "imblearn.",
-)
-
-
-def _check_targets(node: Any, where: str) -> None:
-    if isinstance(node, (dict, DictConfig)):
-        target = node.get("_target_")
-        if target is not None and not str(target).startswith(ALLOWED_TARGET_PREFIXES):
-            raise ConfigError(
-                f"{where}._target_={target!r} is not allowed: configs may only build classes from "
-                f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGET_PREFIXES)}."
-            )
-        for key, value in node.items():
-            _check_targets(value, f"{where}.{key}")
-    elif isinstance(node, (list, ListConfig)):
-        for i, value in enumerate(node):
-            _check_targets(value, f"{where}[{i}]")
-
-
-def safe_instantiate(node: Any, where: str, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate` restricted to `ALLOWED_TARGET_PREFIXES`.
-
-    Example:
-        >>> safe_instantiate({"_target_": "torch.nn.CrossEntropyLoss"}, "loss")
-        CrossEntropyLoss()
-    """
-    from hydra.utils import instantiate
-
-    _check_targets(node, where)
-    return instantiate(node, **kwargs)
-
-
-def check_kwargs(target: Any, kwargs: dict[str, Any], where: str) -> None:
-    """Reject keys that `target`'s signature does not accept, naming the valid ones."""
-    params = inspect.signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        valid = ", ".join(sorted(k for k in params if k != "self"))
-        raise ConfigError(f"Unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}. Valid keys: {valid}")
-
-
-C = TypeVar("C", bound=Config)
-
-
-def typed(cfg: Config | DictConfig | dict[str, Any], schema: type[C] = Config, strict: bool = True) -> C:  # type: ignore[assignment]
-    """The config as `schema`'s dataclass objects (attribute access, enums), whatever form it came in.
-
-    Args:
-        cfg: a composed DictConfig, a plain dict (e.g. from a checkpoint) or a dataclass.
-        schema: the command's schema class.
-        strict: reject keys the schema does not have; False drops them (configs stored by older
-            versions, or by another command, carry keys this schema has no use for).
-
-    Raises:
-        ConfigError: unknown keys (strict) or invalid values, naming the key.
-
-    Example:
-        >>> typed({"finetune": {"mode": "lora"}}).finetune.mode == "lora"
-        True
-    """
-    if isinstance(cfg, schema):
-        return cfg
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        cfg = to_container(cfg)
-    base = OmegaConf.structured(schema)
-    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    if not strict:
-        node = OmegaConf.create(_known(OmegaConf.to_container(node), base))
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(base, node))  # type: ignore[return-value]
-    except Exception as e:  # noqa: BLE001 - OmegaConf's errors name the key; keep the message, drop the trace
-        raise ConfigError(str(e).split("\n    full_key")[0].strip()) from None
-
-
-def _known(node: Any, schema: Any) -> Any:
-    """`node` with only the keys `schema` (a structured DictConfig) has; free-form sections kept whole."""
-    if not isinstance(node, dict) or not isinstance(schema, DictConfig) or OmegaConf.get_type(schema) is dict:
-        return node
-    return {k: _known(v, schema[k]) for k, v in node.items() if k in schema}
-
-
-def to_container(cfg: Config | DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """Plain, resolved Python types (enums as strings): safe to store in checkpoints loaded with
-    `torch.load(weights_only=True)` and in `.hydra/config.yaml`."""
-    if isinstance(cfg, dict):
-        return cfg
-    node = OmegaConf.structured(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]
-
-
-def config_dirs() -> tuple[Path, Path]:
-    """(conf dir, folder holding `recipes/`): the repo layout in a checkout, the wheel's copy otherwise."""
-    pkg = Path(__file__).parent
-    packed = pkg / "_configs"
-    base = packed if (packed / "conf").is_dir() else pkg.parent
-    return base / "conf", base
-
-
-def load_config(*overrides: str, command: str = "train") -> DictConfig:
-    """Compose the same config `vfmtune <command> OVERRIDES...` would, without running anything.
-
-    Example:
-        >>> cfg = load_config("backbone=vit_b16", "trainer.max_epochs=3")
-        >>> cfg.backbone.name
-        'vit_b16'
-    """
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
-    conf_dir, recipes_parent = config_dirs()
-    with initialize_config_dir(str(conf_dir), version_base="1.3"):
-        try:
-            return compose("config", overrides=[f"command={command}", *overrides, f"hydra.searchpath=[file://{recipes_parent}]"])
-        except Exception as e:  # noqa: BLE001 - Hydra and OmegaConf raise many types; the user needs their messages
-            raise ConfigError(composition_message(e)) from None
-
-
-def composition_message(error: BaseException) -> str:
-    """Hydra's composition error with the OmegaConf causes it wraps (which say what the valid values are)."""
-    parts: list[str] = []
-    while error is not None:
-        text = str(error).split("\n    full_key")[0].split("\nConfig search path")[0].strip()
-        if text and text not in parts and "$VALUE" not in text and not text.startswith("'"):
-            parts.append(text)
-        error = error.__cause__ or error.__context__
-    return ": ".join(parts)

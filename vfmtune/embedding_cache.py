@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 
 from vfmtune.backbones import data_config
 from vfmtune.cache_dir import cache_dir
-from vfmtune.config import AugmentConfig, Config, Precision
+from vfmtune.choices import Precision
+from vfmtune.config import AugmentConfig, Config
 from vfmtune.data.datamodule import ImageDataset
 from vfmtune.data.transforms import build_transforms
 from vfmtune.device import Shard, compute_device

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vfmtune.config import ExportCommand, ExportFormat, Quantize
+from vfmtune.choices import ExportFormat, Quantize
+from vfmtune.config import ExportCommand
 from vfmtune.data.images import load_image
 from vfmtune.data.prepare import Prepared
 from vfmtune.io import write_json

@@ -17,7 +17,9 @@ import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from vfmtune.checkpoint import resolve_checkpoint
-from vfmtune.config import Config, ConfigError, safe_instantiate
+from vfmtune.choices import ConfigError
+from vfmtune.compose import safe_instantiate
+from vfmtune.config import Config
 from vfmtune.data.prepare import Prepared, align_classes, require_splits
 from vfmtune.data.sources import from_imagefolder
 from vfmtune.device import OneThread

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from vfmtune.config import ConfigError
+from vfmtune.choices import ConfigError
 from vfmtune.data.images import DataError
 from vfmtune.io import atomic_path
 

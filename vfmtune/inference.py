@@ -60,9 +60,11 @@ def score(module: nn.Module, loader: DataLoader, spec: MetricSpec, classes: Sequ
     for x, y in loader:
         with autocast():
             out = module(x.to(device))
-        spec.update(metrics, out.float(), y.to(device))
+        if isinstance(out, torch.Tensor):  # logits; SAM's outputs are per-image lists the spec reads as they are
+            out = out.float()
+        spec.update(metrics, out, y.to(device))
         if outputs is not None:
-            outputs.append(out.float().cpu())
+            outputs.append(out.cpu() if isinstance(out, torch.Tensor) else out)
     return spec.results(metrics.compute(), prefix, classes)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from vfmtune.checkpoint import load_checkpoint
-from vfmtune.config import ConfigError
+from vfmtune.choices import ConfigError
 from vfmtune.data.images import DataError
 from vfmtune.folds import fold_checkpoints, is_cv_run
 from vfmtune.tasks import TASKS, get_task

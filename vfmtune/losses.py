@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
-from vfmtune.config import ConfigError, LossConfig, LossName
+from vfmtune.choices import ConfigError, LossName
+from vfmtune.config import LossConfig
 
 WEIGHT_SCHEMES = ("balanced", "effective_number")
 

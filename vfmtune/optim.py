@@ -21,7 +21,8 @@ from torch import nn
 from typing_extensions import override
 
 from vfmtune.backbones import timm_model
-from vfmtune.config import ConfigError, OptimConfig, SchedConfig, SchedName
+from vfmtune.choices import ConfigError, SchedName
+from vfmtune.config import OptimConfig, SchedConfig
 
 
 def weight_decay_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:

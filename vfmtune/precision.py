@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from vfmtune.config import Config, ConfigError, Precision
+from vfmtune.choices import ConfigError, Precision
+from vfmtune.config import Config
 from vfmtune.device import compute_device
 
 LIGHTNING = {Precision.fp32: "32-true", Precision.bf16: "bf16-mixed", Precision.fp16: "16-mixed"}

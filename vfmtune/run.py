@@ -12,7 +12,9 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from vfmtune.checkpoint import AtomicCheckpointIO
-from vfmtune.config import Config, LoggerName, check_kwargs, load_config, to_container, typed
+from vfmtune.choices import LoggerName
+from vfmtune.compose import check_kwargs, load_config, to_container, typed
+from vfmtune.config import Config
 from vfmtune.console import quiet_libraries
 from vfmtune.io import write_text
 from vfmtune.memory import lean_host_memory

@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import WeightedRandomSampler
 from typing_extensions import override
 
-from vfmtune.config import Config, ConfigError, ResampleConfig, ResampleMethod, SamplerName
+from vfmtune.choices import ConfigError, ResampleMethod, SamplerName
+from vfmtune.config import Config, ResampleConfig
 
 # resample.method -> (imblearn class path, whether it interpolates between k nearest neighbours)
 RESAMPLERS: dict[str, tuple[str, bool]] = {

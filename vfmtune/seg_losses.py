@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
-from vfmtune.config import ConfigError, SegLoss, SegmentConfig
+from vfmtune.choices import ConfigError, SegLoss
+from vfmtune.config import SegmentConfig
 from vfmtune.data.masks import IGNORE_INDEX
 from vfmtune.losses import class_weights
 

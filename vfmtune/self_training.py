@@ -18,7 +18,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from vfmtune.config import Config, ConfigError
+from vfmtune.choices import ConfigError
+from vfmtune.config import Config
 from vfmtune.data.prepare import Prepared
 from vfmtune.data.sources import SampleTable
 from vfmtune.fit import fit

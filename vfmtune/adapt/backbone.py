@@ -7,7 +7,8 @@ from torch import nn
 from vfmtune.adapt.freeze import apply_finetune
 from vfmtune.adapt.lora import apply_lora
 from vfmtune.backbones import create_backbone
-from vfmtune.config import Config, ConfigError, FinetuneMode
+from vfmtune.choices import ConfigError, FinetuneMode
+from vfmtune.config import Config
 
 
 def adapted_backbone(config: Config, load_weights: bool = True) -> nn.Module:

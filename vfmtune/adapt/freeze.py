@@ -10,7 +10,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from vfmtune.backbones import timm_model
-from vfmtune.config import ConfigError, FinetuneMode
+from vfmtune.choices import ConfigError, FinetuneMode
 
 _BLOCK_NAME = re.compile(r"(^|\.)(blocks|layers?|stages?)_?\.?\d")  # blocks.3, layer3, stages.2
 

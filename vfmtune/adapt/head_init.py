@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from vfmtune.checkpoint import load_checkpoint, resolve_checkpoint
-from vfmtune.config import ConfigError, FinetuneMode, to_container
+from vfmtune.choices import ConfigError, FinetuneMode
+from vfmtune.compose import to_container
 
 # A head fits the embedding space it was trained on: same model, weights, input size and pooling.
 SAME_FEATURES = ("name", "weights", "path", "img_size", "global_pool")

@@ -18,7 +18,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vfmtune.config import ConfigError, FinetuneConfig
+from vfmtune.choices import ConfigError
+from vfmtune.config import FinetuneConfig
 from vfmtune.embedding_cache import weights_digest
 from vfmtune.io import atomic_path, write_text
 

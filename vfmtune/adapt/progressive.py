@@ -21,7 +21,8 @@ from typing_extensions import override
 
 from vfmtune.adapt.freeze import named_groups, param_table
 from vfmtune.backbones import timm_model
-from vfmtune.config import Config, ConfigError, FinetuneConfig, SchedName
+from vfmtune.choices import ConfigError, SchedName
+from vfmtune.config import Config, FinetuneConfig
 
 _RANGE = re.compile(r"^(\w+)\.(\d+)-(\d+)$")
 

@@ -11,8 +11,9 @@ from typing import Any
 
 from vfmtune.adapt.domain import adapt_batchnorm, tent
 from vfmtune.checkpoint import load_checkpoint, resolve_checkpoint
+from vfmtune.choices import AdaptMethod, ConfigError, FinetuneMode
 from vfmtune.commands.evaluate import trained_run_config
-from vfmtune.config import AdaptCommand, AdaptMethod, ConfigError, FinetuneMode
+from vfmtune.config import AdaptCommand
 from vfmtune.data.datamodule import ImageDataset
 from vfmtune.device import compute_device
 from vfmtune.embedding_cache import embed_images

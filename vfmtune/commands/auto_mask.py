@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vfmtune.config import AutoMaskCommand, ConfigError
+from vfmtune.choices import ConfigError
+from vfmtune.config import AutoMaskCommand
 from vfmtune.data.boxes import ImageIndex, check_prompts, read_prompts
 from vfmtune.data.prepare import readable_images
 from vfmtune.loading import load_model

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from vfmtune.cache_dir import cache_dir
-from vfmtune.config import CacheCommand, ConfigError
+from vfmtune.choices import ConfigError
+from vfmtune.config import CacheCommand
 from vfmtune.run import ConfigLike, command_config
 
 # what each top-level folder of the cache holds

@@ -8,7 +8,8 @@ from typing import Any
 
 import lightning as L
 
-from vfmtune.config import ConfigError, CVCommand
+from vfmtune.choices import ConfigError
+from vfmtune.config import CVCommand
 from vfmtune.data.prepare import Prepared
 from vfmtune.data.splits import save_splits
 from vfmtune.fit import fit

@@ -13,7 +13,9 @@ from typing import Any
 
 import lightning as L
 
-from vfmtune.config import ConfigError, DistillCommand, load_config, typed
+from vfmtune.choices import ConfigError
+from vfmtune.compose import load_config, typed
+from vfmtune.config import DistillCommand
 from vfmtune.fit import fit
 from vfmtune.loading import load_teacher, model_task
 from vfmtune.run import ConfigLike, start_run, with_overrides

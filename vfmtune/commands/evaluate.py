@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from vfmtune.config import Config, ConfigError, EvaluateCommand, SplitName
+from vfmtune.choices import ConfigError, SplitName
+from vfmtune.config import Config, EvaluateCommand
 from vfmtune.data.images import DataError
 from vfmtune.data.prepare import align_classes
 from vfmtune.inference import score, write_class_predictions

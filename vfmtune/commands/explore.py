@@ -18,8 +18,9 @@ import torch
 
 from vfmtune import viz
 from vfmtune.backbones import create_backbone
+from vfmtune.choices import ConfigError
 from vfmtune.commands.evaluate import align_classes, trained_run_config
-from vfmtune.config import Config, ConfigError, ExploreCommand
+from vfmtune.config import Config, ExploreCommand
 from vfmtune.embedding_cache import embed_images
 from vfmtune.inference import score
 from vfmtune.io import atomic_path, write_json

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vfmtune.config import ConfigError, ExportCommand, ExportFormat
+from vfmtune.choices import ConfigError, ExportFormat
+from vfmtune.config import ExportCommand
 from vfmtune.exporter import export_bundle
 from vfmtune.loading import load_model, model_task
 from vfmtune.run import ConfigLike, command_config, make_run_dir

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from vfmtune.adapt.lora import merge_lora
-from vfmtune.config import ConfigError, FinetuneMode, MergeCommand, to_container
+from vfmtune.choices import ConfigError, FinetuneMode
+from vfmtune.compose import to_container
+from vfmtune.config import MergeCommand
 from vfmtune.io import torch_save
 from vfmtune.loading import load_model
 from vfmtune.run import ConfigLike, command_config, make_run_dir

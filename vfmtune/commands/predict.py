@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vfmtune.config import ConfigError, PredictCommand
+from vfmtune.choices import ConfigError
+from vfmtune.config import PredictCommand
 from vfmtune.data.prepare import readable_images
 from vfmtune.loading import load_model, model_task
 from vfmtune.run import ConfigLike, command_config, make_run_dir

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vfmtune.config import ConfigError, PseudoLabelCommand
+from vfmtune.choices import ConfigError
+from vfmtune.config import PseudoLabelCommand
 from vfmtune.data.datamodule import ImageDataset
 from vfmtune.data.prepare import readable_images
 from vfmtune.inference import run_inference

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vfmtune.choices import ConfigError
 from vfmtune.commands.evaluate import trained_run_config
-from vfmtune.config import ConfigError, ShiftCommand
+from vfmtune.config import ShiftCommand
 from vfmtune.data.datamodule import ImageDataset
 from vfmtune.data.prepare import Prepared, align_classes, prepare_data, readable_images
 from vfmtune.data.sources import SampleTable, from_imagefolder

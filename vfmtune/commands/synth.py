@@ -11,7 +11,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from vfmtune.cache_dir import cache_dir
-from vfmtune.config import Config, ConfigError, DataConfig, SynthCommand, to_container, typed
+from vfmtune.choices import ConfigError
+from vfmtune.compose import to_container, typed
+from vfmtune.config import Config, DataConfig, SynthCommand
 from vfmtune.data.cutpaste import check_blend, compose, cut_objects, scene_from
 from vfmtune.data.images import DataError
 from vfmtune.data.instances import instance_source

@@ -8,7 +8,8 @@ from typing import Any
 
 import lightning as L
 
-from vfmtune.config import AdaptMethod, Config, ConfigError
+from vfmtune.choices import AdaptMethod, ConfigError
+from vfmtune.config import Config
 from vfmtune.fit import fit
 from vfmtune.run import ConfigLike, command_config, start_run
 from vfmtune.self_training import self_train

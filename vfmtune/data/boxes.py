@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vfmtune.config import OnBadBox
+from vfmtune.choices import OnBadBox
 from vfmtune.data.images import DataError
 from vfmtune.data.masks import oriented_size
 

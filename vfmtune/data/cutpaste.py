@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from vfmtune.config import Blend, ConfigError, SynthConfig
+from vfmtune.choices import Blend, ConfigError
+from vfmtune.config import SynthConfig
 from vfmtune.data.images import load_image
 from vfmtune.data.instances import load_instances
 

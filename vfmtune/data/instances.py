@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vfmtune.config import ConfigError, DataConfig
+from vfmtune.choices import ConfigError
+from vfmtune.config import DataConfig
 from vfmtune.data.coco import Instance, coco_instances, from_coco
 from vfmtune.data.images import DataError
 from vfmtune.data.mask_sources import SegmentationTable, _index, from_mask_folder, from_mask_manifest

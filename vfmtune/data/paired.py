@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from vfmtune.config import AugmentConfig, ConfigError
+from vfmtune.choices import ConfigError
+from vfmtune.config import AugmentConfig
 from vfmtune.data.images import load_image
 from vfmtune.data.masks import ColourTable, load_mask
 

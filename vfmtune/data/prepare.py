@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from vfmtune.cache_dir import cache_dir
-from vfmtune.config import Config, ConfigError, DataConfig
+from vfmtune.choices import ConfigError
+from vfmtune.config import Config, DataConfig
 from vfmtune.data.images import IMG_EXTENSIONS, DataError, scan_images
 from vfmtune.data.mask_scan import scan_masks
 from vfmtune.data.mask_sources import SegmentationTable, class_names

@@ -27,7 +27,8 @@ from segment_anything.utils.onnx import SamOnnxModel
 from torch import nn
 from torch.nn import functional as F
 
-from vfmtune.config import ConfigError, ExportCommand
+from vfmtune.choices import ConfigError
+from vfmtune.config import ExportCommand
 from vfmtune.data.images import load_image
 from vfmtune.exporter import ExportError
 from vfmtune.io import write_json

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from vfmtune.config import ConfigError
+from vfmtune.choices import ConfigError
 from vfmtune.tasks.base import Task
 
 # task name -> "module:Task subclass"

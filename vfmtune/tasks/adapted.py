@@ -3,7 +3,8 @@
 It keeps the frozen parts frozen in train mode, exposes the backbone's optimizer groups (so that
 progressive unfreezing adds them the same way), and builds the optimizer and schedule from the
 config. Subclasses set `config`, `backbone` and `head`, and say which of the head's normalisations
-see backbone features (`feature_norms`).
+see backbone features (`feature_norms`) and whether training reads cached features (`cached_input`):
+then checkpoints name the frozen backbone by digest until training ends (`vfmtune.checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from torch import nn
 from typing_extensions import override
 
 from vfmtune.adapt.freeze import is_frozen, keep_frozen_bn_eval
-from vfmtune.config import Config, FinetuneMode
+from vfmtune.checkpoint import FROZEN_WEIGHTS, complete_checkpoints, fill_frozen, strip_frozen
+from vfmtune.choices import FinetuneMode
+from vfmtune.config import Config
+from vfmtune.embedding_cache import weights_digest
 from vfmtune.optim import backbone_param_groups, build_optimizer, build_schedule, weight_decay_groups
 from vfmtune.tasks.base import TaskModule
 
@@ -49,6 +53,39 @@ class AdaptedModule(TaskModule):
             for m in self.feature_norms():
                 m.eval()
         return self
+
+    @property
+    def cached_input(self) -> bool:
+        """True when training batches hold cached backbone features (the backbone is frozen and never runs)."""
+        return False
+
+    def backbone_digest(self) -> str:
+        """Digest of the backbone's weights; computed once, for a backbone that stays frozen (cached-embedding fits)."""
+        if getattr(self, "_backbone_digest", None) is None:
+            self._backbone_digest = weights_digest(self.backbone)
+        return self._backbone_digest
+
+    # Training on cached embeddings, checkpoints hold the head and name the frozen backbone by digest (writing its
+    # 88 MB every epoch was most of a linear probe's time); the files are completed when training ends.
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.cached_input:
+            strip_frozen(checkpoint, "backbone.", self.backbone_digest())
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if FROZEN_WEIGHTS in checkpoint:
+            fill_frozen(checkpoint, self.backbone, self.backbone_digest())
+
+    @override
+    def on_train_end(self) -> None:
+        if self.cached_input:
+            trainer = self.trainer
+            if trainer.is_global_zero:
+                paths = [p for cb in trainer.checkpoint_callbacks
+                         for p in (cb.best_model_path, cb.last_model_path, *getattr(cb, "best_k_models", {}))]
+                complete_checkpoints(paths, self.backbone, self.backbone_digest())
+            trainer.strategy.barrier("vfmtune-complete-checkpoints")  # validate/test then load the complete files
 
     @property
     def progressive(self) -> bool:

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from vfmtune.config import AugmentConfig, Config, ConfigError, ExportCommand
+from vfmtune.choices import ConfigError
+from vfmtune.config import AugmentConfig, Config, ExportCommand
 from vfmtune.data.prepare import Prepared, prepare_data, sample_table
 from vfmtune.data.transforms import build_transforms
 from vfmtune.faults import fault_point

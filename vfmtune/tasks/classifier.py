@@ -11,9 +11,9 @@ from typing_extensions import override
 
 from vfmtune.adapt.backbone import adapted_backbone
 from vfmtune.adapt.domain import DomainClassifier, coral_loss
-from vfmtune.checkpoint import FROZEN_WEIGHTS, complete_checkpoints, fill_frozen, strip_frozen
-from vfmtune.config import AdaptMethod, Config, HeadConfig, HeadType, to_container, typed
-from vfmtune.embedding_cache import weights_digest
+from vfmtune.choices import AdaptMethod, HeadType
+from vfmtune.compose import to_container, typed
+from vfmtune.config import Config, HeadConfig
 from vfmtune.losses import build_loss
 from vfmtune.metrics import ClassMetrics
 from vfmtune.tasks.adapted import AdaptedModule
@@ -69,7 +69,6 @@ class Classifier(AdaptedModule):
         self.embeddings_input = False
         method = config.adapt.method
         self.domain = DomainClassifier(self.backbone.num_features) if method == AdaptMethod.dann else None
-        self._backbone_digest: str | None = None
         self.init_eval(ClassMetrics(), classes)
 
     @override
@@ -117,31 +116,8 @@ class Classifier(AdaptedModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.logits(x).softmax(-1)
 
-    def backbone_digest(self) -> str:
-        """Digest of the backbone's weights; computed once, for a backbone that stays frozen (cached-embedding fits)."""
-        if self._backbone_digest is None:
-            self._backbone_digest = weights_digest(self.backbone)
-        return self._backbone_digest
-
-    # Training on cached embeddings, checkpoints hold the head and name the frozen backbone by digest (writing its
-    # 88 MB every epoch was most of a linear probe's time); the files are completed when training ends.
+    @property
     @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.embeddings_input:
-            strip_frozen(checkpoint, "backbone.", self.backbone_digest())
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if FROZEN_WEIGHTS in checkpoint:
-            fill_frozen(checkpoint, self.backbone, self.backbone_digest())
-
-    @override
-    def on_train_end(self) -> None:
-        if self.embeddings_input:
-            trainer = self.trainer
-            if trainer.is_global_zero:
-                paths = [p for cb in trainer.checkpoint_callbacks
-                         for p in (cb.best_model_path, cb.last_model_path, *getattr(cb, "best_k_models", {}))]
-                complete_checkpoints(paths, self.backbone, self.backbone_digest())
-            trainer.strategy.barrier("vfmtune-complete-checkpoints")  # validate/test then load the complete files
+    def cached_input(self) -> bool:
+        return self.embeddings_input
 

@@ -22,7 +22,9 @@ from vfmtune.adapt.lora import load_adapter, read_adapter_meta, save_adapter
 from vfmtune.adapt.progressive import progressive_callback
 from vfmtune.backbones import data_config
 from vfmtune.checkpoint import FROZEN_WEIGHTS
-from vfmtune.config import AdaptMethod, AugmentConfig, Config, ConfigError, FinetuneMode, ResampleMethod, to_container, typed
+from vfmtune.choices import AdaptMethod, ConfigError, FinetuneMode, ResampleMethod
+from vfmtune.compose import to_container, typed
+from vfmtune.config import AugmentConfig, Config
 from vfmtune.data.datamodule import ImageDataset, SplitData
 from vfmtune.data.prepare import Prepared, list_images, train_class_counts, training_only_images
 from vfmtune.data.transforms import build_transforms

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vfmtune.config import AugmentConfig, DistillCommand, typed
+from vfmtune.compose import typed
+from vfmtune.config import AugmentConfig, DistillCommand
 from vfmtune.data.datamodule import ImageDataset, SplitData
 from vfmtune.data.prepare import Prepared, training_only_images
 from vfmtune.data.transforms import build_transforms

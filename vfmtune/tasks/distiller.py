@@ -22,7 +22,9 @@ from torch import nn
 from typing_extensions import override
 
 from vfmtune.backbones import create_backbone, data_config
-from vfmtune.config import ConfigError, DistillCommand, FeatureLoss, StudentWeights, to_container, typed
+from vfmtune.choices import ConfigError, FeatureLoss, StudentWeights
+from vfmtune.compose import to_container, typed
+from vfmtune.config import DistillCommand
 from vfmtune.metrics import ClassMetrics
 from vfmtune.optim import build_optimizer, build_schedule, weight_decay_groups
 from vfmtune.tasks.base import TaskModule

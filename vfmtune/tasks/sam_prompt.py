@@ -20,7 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vfmtune.cache_dir import cache_dir
-from vfmtune.config import Config, ConfigError, ExportCommand, typed
+from vfmtune.choices import ConfigError
+from vfmtune.compose import typed
+from vfmtune.config import Config, ExportCommand
 from vfmtune.data.instances import instance_source, load_instances
 from vfmtune.data.prepare import Prepared, prepare_masks
 from vfmtune.data.synthetic import add_synthetic

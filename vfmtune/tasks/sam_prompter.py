@@ -21,7 +21,9 @@ from typing_extensions import override
 
 from vfmtune.adapt.freeze import _match, keep_frozen_bn_eval
 from vfmtune.adapt.lora import apply_lora
-from vfmtune.config import Config, ConfigError, FinetuneConfig, FinetuneMode, SamPrompt, to_container, typed
+from vfmtune.choices import ConfigError, FinetuneMode, SamPrompt
+from vfmtune.compose import to_container, typed
+from vfmtune.config import Config, FinetuneConfig
 from vfmtune.instance_metrics import InstanceMetrics
 from vfmtune.optim import build_optimizer, build_schedule, weight_decay_groups
 from vfmtune.sam.embeddings import SamImageTransform, sam_autocast

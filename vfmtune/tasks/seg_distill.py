@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vfmtune.config import DistillCommand, typed
+from vfmtune.compose import typed
+from vfmtune.config import DistillCommand
 from vfmtune.data.datamodule import SplitData
 from vfmtune.data.images import load_image
 from vfmtune.data.masks import IGNORE_INDEX, ColourTable, load_mask

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from vfmtune.backbones import data_config
-from vfmtune.config import ConfigError, DenseKD, DistillCommand, to_container, typed
+from vfmtune.choices import ConfigError, DenseKD
+from vfmtune.compose import to_container, typed
+from vfmtune.config import DistillCommand
 from vfmtune.metrics import MaskMetrics
 from vfmtune.optim import build_optimizer, build_schedule, weight_decay_groups
 from vfmtune.seg_losses import build_seg_loss

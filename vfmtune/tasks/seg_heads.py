@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from vfmtune.config import SegHead
+from vfmtune.choices import SegHead
 
 
 class LinearHead(nn.Module):

@@ -23,7 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from vfmtune.adapt.freeze import is_frozen, param_table
 from vfmtune.adapt.progressive import progressive_callback
-from vfmtune.config import Config, ConfigError, DataConfig, typed
+from vfmtune.checkpoint import FROZEN_WEIGHTS
+from vfmtune.choices import ConfigError
+from vfmtune.compose import typed
+from vfmtune.config import Config, DataConfig
 from vfmtune.data.coco import from_coco
 from vfmtune.data.datamodule import SplitData
 from vfmtune.data.images import DataError, load_image
@@ -165,8 +168,10 @@ class SegmentTask(Task):
 
     def load(self, checkpoint: dict[str, Any]) -> Segmenter:
         hp = checkpoint["hyper_parameters"]
-        model = Segmenter(typed(hp["config"], Config, strict=False), hp["classes"], load_weights=False,
+        # A cached-token fit that stopped early names its frozen backbone by digest: weights from the config.
+        model = Segmenter(typed(hp["config"], Config, strict=False), hp["classes"], load_weights=FROZEN_WEIGHTS in checkpoint,
                           class_pixels=hp.get("class_pixels"), window=hp.get("window"))
+        model.on_load_checkpoint(checkpoint)
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval()
 

@@ -12,7 +12,8 @@ from typing_extensions import override
 
 from vfmtune.adapt.backbone import adapted_backbone
 from vfmtune.backbones import data_config, patch_tokens
-from vfmtune.config import Config, to_container, typed
+from vfmtune.compose import to_container, typed
+from vfmtune.config import Config
 from vfmtune.metrics import MaskMetrics
 from vfmtune.seg_losses import build_seg_loss
 from vfmtune.tasks.adapted import AdaptedModule
@@ -81,6 +82,11 @@ class Segmenter(AdaptedModule):
         if isinstance(self.head, LinearHead):
             return [self.head.norm]
         return [self.head.project[0]] if isinstance(self.head, LightDecoder) else []
+
+    @property
+    @override
+    def cached_input(self) -> bool:
+        return self.tokens_input
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images `[B, 3, S, S]` -> the head's input `[B, C, h, w]` (what the patch-token cache stores)."""
