@@ -71,7 +71,9 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
     trainer = build_trainer(config, out, all_callbacks, precision=train_precision)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=data, ckpt_path=str(resolve_checkpoint(config.ckpt)) if config.ckpt else None)
-    train_seconds = time.perf_counter() - t0
+    # Datasets built in the datamodule's setup (the embedding / teacher cache pass) are timed apart from training.
+    data_seconds = float(getattr(data, "setup_seconds", 0.0))
+    train_seconds = time.perf_counter() - t0 - data_seconds
     best = (best_cb.best_model_path if best_cb else "") or last_cb.best_model_path
     metrics: dict[str, Any] = {}
     for split, run in (("val", trainer.validate), ("test", trainer.test)):
@@ -81,6 +83,7 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
     if config.data.target_test:
         metrics.update(score_target(task, model, config))
     metrics.update({"best_checkpoint": str(best), "epochs": trainer.current_epoch, "train_seconds": round(train_seconds, 2),
+                    "data_setup_seconds": round(data_seconds, 2),
                     "precision": str(precision.precision), "precision_reason": precision.reason,
                     "trainer_precision": train_precision, "trainer_precision_reason": why,
                     # every report says how much of the training data was made, not collected (data.synthetic)

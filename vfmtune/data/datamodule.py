@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -76,6 +77,7 @@ class SplitData(L.LightningDataModule):
         self.num_workers = num_workers
         self.train_sampler = train_sampler
         self.eval_batch_size = eval_batch_size
+        self.setup_seconds = 0.0
 
     @override
     def setup(self, stage: str | None = None) -> None:
@@ -83,7 +85,9 @@ class SplitData(L.LightningDataModule):
             trainer = self.trainer
             shard = Shard() if trainer is None else Shard(trainer.global_rank, trainer.world_size,
                                                           lambda: trainer.strategy.barrier("vfmtune-datasets"))
+            t0 = time.perf_counter()
             self.datasets, self.train_sampler = self.build(shard)
+            self.setup_seconds = time.perf_counter() - t0  # the cache pass, when there is one: not training time
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
