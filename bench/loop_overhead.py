@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+from pathlib import Path
 import time
 
 import lightning as L
@@ -19,14 +20,15 @@ import torch
 from common import write_results
 from torch.utils.data import DataLoader, TensorDataset
 
-from vfmtune.compose import load_config, to_container
+from vfmtune.compose import load_config, to_container, typed
 from vfmtune.run import build_trainer
 from vfmtune.tasks.classifier import Classifier
 
 BATCH, STEPS, WARMUP, ROUNDS = 16, 16, 3, 9
 CONFIG = to_container(
     load_config("backbone.weights=none", "backbone.img_size=112", "finetune=full", "sched=none", "optim.lr=1e-4",
-                "head.feature_norm=false", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu")
+                "head.feature_norm=false", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+                "precision=fp32")
 )
 
 
@@ -58,7 +60,7 @@ def vfmtune_images_per_second() -> float:
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         config = {**CONFIG, "trainer": {**CONFIG["trainer"], "max_epochs": 1, "limit_val_batches": 0}}
-        trainer = build_trainer(config, tmp, [timer], enable_checkpointing=False)
+        trainer = build_trainer(typed(config), Path(tmp), [timer], enable_checkpointing=False)
         trainer.fit(model(), train_dataloaders=data())
     return (STEPS - WARMUP) * BATCH / (timer.t1 - timer.t0)
 
