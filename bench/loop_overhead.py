@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-from pathlib import Path
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
