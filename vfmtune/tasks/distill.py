@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vfmtune.compose import typed
-from vfmtune.config import AugmentConfig, DistillCommand
+from vfmtune.config import AugmentConfig, DataConfig, DistillCommand
 from vfmtune.data.datamodule import ImageDataset, SplitData
 from vfmtune.data.prepare import Prepared, training_only_images
 from vfmtune.data.transforms import build_transforms
@@ -53,6 +53,13 @@ def student_transform(model: Distiller) -> Any:
     return tf
 
 
+def unlabelled_images(prepared: Prepared, data: DataConfig) -> list[str]:
+    """The images of `data.unlabeled` for teacher-only targets, refused if any is a val/test image."""
+    held = [p for s in ("val", "test") for p in prepared.subset(s)[0]]
+    return training_only_images(str(data.unlabeled), held, data, "data.unlabeled",
+                                "Teacher-labelled images may only be trained on; evaluation stays on human-labelled data.")
+
+
 class DistillTask(Task):
     """Teacher (a vfmtune classifier) -> student (any timm model): Hinton KD, feature KD, unlabelled images."""
 
@@ -71,9 +78,7 @@ class DistillTask(Task):
         train_tf, eval_tf = build_transforms({**model.data_cfg, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}, d.augment)
         train_paths, train_labels = prepared.subset("train")
         if d.unlabeled:
-            held = [p for s in ("val", "test") for p in prepared.subset(s)[0]]
-            extra = training_only_images(d.unlabeled, held, d, "data.unlabeled",
-                                         "Teacher-labelled images may only be trained on; evaluation stays on human-labelled data.")
+            extra = unlabelled_images(prepared, d)
             print(f"{len(extra)} unlabelled images added to training (teacher soft targets only)")
             train_paths, train_labels = train_paths + extra, train_labels + [UNLABELED] * len(extra)
         datasets: dict[str, Dataset] = {s: ImageDataset(*prepared.subset(s), eval_tf) for s in ("val", "test") if s in prepared.splits}

@@ -25,9 +25,10 @@ from vfmtune.data.datamodule import SplitData
 from vfmtune.data.images import load_image
 from vfmtune.data.masks import IGNORE_INDEX, ColourTable, load_mask
 from vfmtune.data.paired import PairedTransform, build_paired_transforms, image_transform
-from vfmtune.data.prepare import Prepared, training_only_images
+from vfmtune.data.prepare import Prepared
 from vfmtune.embedding_cache import embed_images
 from vfmtune.tasks.base import Setup
+from vfmtune.tasks.distill import unlabelled_images
 from vfmtune.tasks.seg_distiller import SegDistiller
 from vfmtune.tasks.segment import MaskTargets, SegmentTask, check_mask_data, training_window, uniform_eval_sizes
 from vfmtune.tasks.segmenter import Segmenter
@@ -88,9 +89,7 @@ class SegDistillTask(SegmentTask):
         paths, masks = prepared.subset("train")
         masks = list(masks)
         if d.unlabeled:
-            held = [p for s in ("val", "test") for p in prepared.subset(s)[0]]
-            extra = training_only_images(d.unlabeled, held, d, "data.unlabeled",
-                                         "Teacher-labelled images may only be trained on; evaluation stays on human-labelled data.")
+            extra = unlabelled_images(prepared, d)
             print(f"{len(extra)} unlabelled images added to training (teacher targets only)")
             paths, masks = paths + extra, masks + [None] * len(extra)
         logits = None
