@@ -115,6 +115,7 @@ def main() -> None:
                 for k, v in run_method(name, severity, tmp, domains, args.extra, cache).items():
                     figures[f"s{severity}.{name}.{k}"] = None if v is None else round(v, 4)
                 print({k: v for k, v in figures.items() if k.startswith(f"s{severity}.{name}.")}, flush=True)
+                write_results(args.results, {**figures, "partial": True})  # a method's figures survive a later failure
             if args.student:
                 s = tmp / f"s{severity}"
                 m = vfmtune.adapt_model(overrides=[f"ckpt={args.student}", f"data.target={s / 'pool'}", f"data.target_test={s / 'test'}",

@@ -13,8 +13,10 @@ adaptation of a trained model.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +72,12 @@ def _norm_layers(module: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def adapt_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> int:
+def adapt_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu",
+                    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext) -> int:
     """Re-estimate every BatchNorm's running statistics on `batches` of target inputs (a cumulative
-    average, not a momentum one); everything else stays in eval mode. Returns how many BatchNorms moved.
+    average, not a momentum one); everything else stays in eval mode. `autocast` is the run's precision
+    context (`Resolved.autocast`): BatchNorm statistics are kept in fp32 under it. Returns how many
+    BatchNorms moved.
 
     Example:
         >>> adapt_batchnorm(student, (x for x, _ in target_loader))
@@ -84,17 +89,20 @@ def adapt_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor], device: 
         m.momentum = None  # cumulative moving average: every target batch counts the same
         m.train()
     for x in batches:
-        module(x.to(device))
+        with autocast():
+            module(x.to(device))
     module.eval()
     return len(norms)
 
 
 def tent(module: nn.Module, batches: Iterable[torch.Tensor], steps: int = 1, lr: float = 1e-4,
-         device: torch.device | str = "cpu") -> int:
+         device: torch.device | str = "cpu",
+         autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext) -> int:
     """Minimise the mean prediction entropy on target `batches` (`steps` passes) through the affine
     parameters of the norm layers; BatchNorms use batch statistics meanwhile, as in TENT, and keep the
     target's statistics afterwards (so the adapted model is an ordinary one to save and deploy).
-    Returns how many parameters were adapted.
+    `autocast` is the run's precision context (bf16 on AMX: the ViT's forward and backward in bf16, the
+    norm parameters and the optimiser in fp32). Returns how many parameters were adapted.
 
     Raises:
         ValueError: the model has no norm layer with affine parameters (nothing TENT may change).
@@ -114,11 +122,13 @@ def tent(module: nn.Module, batches: Iterable[torch.Tensor], steps: int = 1, lr:
     batches = list(batches)
     for _ in range(steps):
         for x in batches:
-            probs = module(x.to(device)).float().softmax(-1)
+            with autocast():
+                logits = module(x.to(device))
+            probs = logits.float().softmax(-1)
             loss = -(probs * probs.clamp(min=1e-12).log()).sum(-1).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    adapt_batchnorm(module, batches, device)
+    adapt_batchnorm(module, batches, device, autocast)
     module.requires_grad_(False)
     return sum(p.numel() for p in params)

@@ -21,6 +21,7 @@ from vfmtune.fit import score_target
 from vfmtune.inference import eval_loader, score
 from vfmtune.io import torch_save, write_json
 from vfmtune.loading import load_model, model_task
+from vfmtune.precision import resolve_precision
 from vfmtune.run import ConfigLike, command_config, make_run_dir
 from vfmtune.tasks import get_task
 from vfmtune.tasks.classifier import Classifier
@@ -71,18 +72,19 @@ def adapt_model(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_di
     if config.data.target_test:
         metrics.update({f"before/{k}": v for k, v in score_target(task, model, run_cfg).items()})
     pool = target_pool(run_cfg, prepared)
-    device = compute_device(run_cfg)
+    device, autocast = compute_device(run_cfg), resolve_precision(run_cfg).autocast
+    print(f"precision: {resolve_precision(run_cfg)}")
     if method == AdaptMethod.adabn:
         if _frozen_probe(model):  # its BatchNorm is the head's: re-estimated on the pool's cached embeddings
             feats = embed_images(dataclasses.replace(run_cfg, backbone=model.config.backbone), model.backbone, pool)
             moved = adapt_batchnorm(model.head, feats.split(run_cfg.data.batch_size), device)
         else:
-            moved = adapt_batchnorm(_module(model, task), _inputs(model, pool, run_cfg), device)
+            moved = adapt_batchnorm(_module(model, task), _inputs(model, pool, run_cfg), device, autocast)
         if not moved:
             raise ConfigError(f"ckpt={config.ckpt} has no BatchNorm layer: AdaBN has nothing to re-estimate (try adapt.method=tent).")
         print(f"AdaBN: {moved} BatchNorm layers re-estimated on {len(pool)} target images")
     else:
-        n = tent(_module(model, task), _inputs(model, pool, run_cfg), config.adapt.steps, config.adapt.lr, device)
+        n = tent(_module(model, task), _inputs(model, pool, run_cfg), config.adapt.steps, config.adapt.lr, device, autocast)
         print(f"TENT: {n:,} norm-layer parameters adapted on {len(pool)} target images ({config.adapt.steps} passes)")
     model = model.cpu().eval()
     module, batches = task.evaluation(run_cfg, model, prepared, "test")
