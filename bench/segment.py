@@ -78,6 +78,7 @@ def main() -> None:
                         figures[f"{dataset}.{name}.{key}.mean"] = round(statistics.mean(values), 4)
                         figures[f"{dataset}.{name}.{key}.std"] = round(statistics.pstdev(values), 4)
                 print({k: v for k, v in figures.items() if k.startswith(f"{dataset}.{name}.test_miou")}, flush=True)
+                write_results(args.results, {**figures, "partial": True})  # finished configurations survive a later failure
             if {"linear_448", "nocache_linear_448"} <= set(args.configs):
                 cached = statistics.median(figures[f"{dataset}.linear_448.sec_per_epoch"])
                 plain = statistics.median(figures[f"{dataset}.nocache_linear_448.sec_per_epoch"])

@@ -23,6 +23,7 @@ from vfmtune.loading import load_model
 from vfmtune.tasks.distiller import STUDENTS, Distiller, resolve_student
 from vfmtune.tasks.seg_distiller import SegDistiller
 from vfmtune.tasks.seg_student import SegStudent
+from vfmtune.tasks.teacher import FrozenTeacher
 
 
 def student_config(*overrides: str) -> dict:
@@ -300,3 +301,25 @@ def test_seg_student__packaged_efficientnet_lite0_loads_every_encoder_tensor() -
     assert len(encoder) == 288 and all(torch.equal(v, packaged[k]) for k, v in encoder.items())
     assert {k.rsplit(".", 1)[0] for k in set(packaged) - set(encoder)} == {"conv_head", "bn2", "classifier"}
     assert student(torch.randn(1, 3, 64, 64)).shape == (1, 3, 8, 8)
+
+
+def test_frozen_teacher__stays_in_eval_mode_outside_state_dict_and_optimiser() -> None:
+    class Teacher(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+
+    class Student(FrozenTeacher, torch.nn.Module):
+        def __init__(self, teacher: torch.nn.Module | None) -> None:
+            super().__init__()
+            self.student = torch.nn.Linear(2, 2)
+            self.set_teacher(teacher)
+
+    teacher = Teacher()
+    module = Student(teacher).train()
+    assert module.training and module.student.training and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert set(module.state_dict()) == {"student.weight", "student.bias"}
+    assert module.frozen_teacher() is teacher
+    with pytest.raises(ValueError, match="Student was loaded without its teacher"):
+        Student(None).train().frozen_teacher()

@@ -29,6 +29,7 @@ from vfmtune.metrics import ClassMetrics
 from vfmtune.optim import build_optimizer, build_schedule, weight_decay_groups
 from vfmtune.tasks.base import TaskModule
 from vfmtune.tasks.classifier import Classifier
+from vfmtune.tasks.teacher import FrozenTeacher
 
 # Student aliases -> timm names. Any other timm model works as "timm/<name>".
 STUDENTS: dict[str, str] = {
@@ -82,7 +83,7 @@ def pre_logits_dim(model: nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
-class Distiller(TaskModule):
+class Distiller(FrozenTeacher, TaskModule):
     """A timm student trained from a frozen vfmtune `Classifier` teacher.
 
     Args:
@@ -131,12 +132,7 @@ class Distiller(TaskModule):
         self.register_buffer("t_mean", torch.tensor(teacher_info["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("t_std", torch.tensor(teacher_info["std"]).view(1, 3, 1, 1), persistent=False)
         self.projector = nn.Linear(pre_logits_dim(self.student), teacher_info["dim"]) if kd.feature_weight > 0 else None
-        if teacher is not None:
-            teacher = teacher.eval().requires_grad_(False)
-            if hasattr(teacher.backbone, "merge_and_unload"):  # a LoRA teacher: merged, it runs at plain speed
-                teacher.backbone = teacher.backbone.merge_and_unload()
-        # Not a registered submodule: the teacher stays out of the student's checkpoint and optimiser.
-        self.__dict__["teacher"] = teacher
+        self.set_teacher(teacher)
         self.init_eval(ClassMetrics(), classes)
 
     @property
@@ -157,9 +153,7 @@ class Distiller(TaskModule):
     @torch.no_grad()
     def teacher_outputs(self, views: torch.Tensor, embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B, C], embedding [B, D_t]) of the teacher on the same views, or on cached embeddings."""
-        teacher = self.__dict__["teacher"]
-        if teacher is None:
-            raise ValueError("This Distiller was loaded without its teacher; it can predict but not train.")
+        teacher = self.frozen_teacher()
         teacher.to(views.device)
         if embeddings is None:
             size = self.teacher_info["img_size"]
@@ -185,13 +179,6 @@ class Distiller(TaskModule):
             out["feature"] = feat
             out["loss"] = out["loss"] + kd.feature_weight * feat
         return out
-
-    @override
-    def train(self, mode: bool = True) -> Distiller:
-        super().train(mode)
-        if self.__dict__.get("teacher") is not None:
-            self.__dict__["teacher"].eval()  # frozen: BN statistics and dropout never change its targets
-        return self
 
     @override
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:

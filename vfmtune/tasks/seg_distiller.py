@@ -35,6 +35,7 @@ from vfmtune.tasks.base import TaskModule
 from vfmtune.tasks.distiller import resolve_student
 from vfmtune.tasks.seg_student import SegStudent
 from vfmtune.tasks.segmenter import Segmenter
+from vfmtune.tasks.teacher import FrozenTeacher
 from vfmtune.tiling import sliding_window
 
 
@@ -69,7 +70,7 @@ def channel_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(-1).mean()
 
 
-class SegDistiller(TaskModule):
+class SegDistiller(FrozenTeacher, TaskModule):
     """A `SegStudent` (timm CNN + LR-ASPP) trained from a frozen vfmtune `Segmenter` teacher.
 
     Args:
@@ -127,12 +128,7 @@ class SegDistiller(TaskModule):
                              ("t_mean", teacher_info["mean"]), ("t_std", teacher_info["std"])):
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.loss_fn = build_seg_loss(config.segment, pixels)
-        if teacher is not None:
-            teacher = teacher.eval().requires_grad_(False)
-            if hasattr(teacher.backbone, "merge_and_unload"):  # a LoRA teacher: merged, it runs at plain speed
-                teacher.backbone = teacher.backbone.merge_and_unload()
-        # Not a registered submodule: the teacher stays out of the student's checkpoint and optimiser.
-        self.__dict__["teacher"] = teacher
+        self.set_teacher(teacher)
         self.init_eval(MaskMetrics(), classes)
 
     @property
@@ -156,9 +152,7 @@ class SegDistiller(TaskModule):
     @torch.no_grad()
     def teacher_logits(self, views: torch.Tensor) -> torch.Tensor:
         """The teacher's logits at its own resolution `[B, K, h, w]` on [0, 1] views `[B, 3, V, V]`."""
-        teacher = self.__dict__["teacher"]
-        if teacher is None:
-            raise ValueError("This SegDistiller was loaded without its teacher; it can predict but not train.")
+        teacher = self.frozen_teacher()
         teacher.to(views.device)
         x = resize(views, self.teacher_info["img_size"], self.teacher_info["interpolation"])
         return teacher.low_res((x - self.t_mean) / self.t_std)
@@ -174,13 +168,6 @@ class SegDistiller(TaskModule):
             out["kl"] = kl
             out["loss"] = out["loss"] + kd.alpha * kd.temperature**2 * kl
         return out
-
-    @override
-    def train(self, mode: bool = True) -> SegDistiller:
-        super().train(mode)
-        if self.__dict__.get("teacher") is not None:
-            self.__dict__["teacher"].eval()  # frozen: BN statistics and dropout never change its targets
-        return self
 
     @override
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
