@@ -181,6 +181,7 @@ def test_seg_distill__cli_run_holds_student_only_and_mask_metrics(seg_distill_ru
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["student"] == "timm/test_efficientnet" and metrics["window"] == 48
     assert metrics["test/iou/background"] > 0.8  # discs on noise: even 4 epochs of a random-init student find the background
+    assert metrics["trainer_precision"] == "32-true"  # a student on the CPU trains in fp32 (bf16 measured slower)
     ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert hp["task"] == "segment_distill" and hp["classes"] == ["background", "disc", "square"] and hp["window"] == 48

@@ -66,7 +66,7 @@ def fit(task: Task, config: Config, prepared: Prepared, out: Path, callbacks: Se
     all_callbacks += [safe_instantiate(c, f"callbacks[{i}]") for i, c in enumerate(config.callbacks)]
     all_callbacks += list(callbacks)
     precision = resolve_precision(config)
-    train_precision, why = trainer_precision(config, precision, setup.backbone_runs)
+    train_precision, why = trainer_precision(config, precision, setup.fp32_training)
     print(f"precision: {precision}; training: {train_precision} ({why})")
     trainer = build_trainer(config, out, all_callbacks, precision=train_precision)
     t0 = time.perf_counter()

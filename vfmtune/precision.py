@@ -112,12 +112,19 @@ def resolve_precision(config: Config) -> Resolved:
     return Resolved(precision, device, reason)
 
 
-def trainer_precision(config: Config, resolved: Resolved, backbone_runs: bool = True) -> tuple[str, str]:
-    """`(lightning precision string, reason)` for the Trainer: an explicit `trainer.precision` wins; a run
-    whose training sees only cached embeddings trains its head in fp32 (there is no backbone forward to speed up)."""
+CACHED_HEAD = "the head trains on cached embeddings: no backbone forward to speed up"
+# bench/speed.py, student_step: an EfficientNet-Lite0 training step runs 0.78x as fast under bf16 autocast as
+# in fp32 on this project's CPU (avx512_bf16, no AMX): its depthwise convolutions have no fast bf16 kernel.
+STUDENT_ON_CPU = "the student trains slower under bf16 autocast on a CPU (bench/speed.py student_step: 0.78x)"
+
+
+def trainer_precision(config: Config, resolved: Resolved, fp32_training: str | None = None) -> tuple[str, str]:
+    """`(lightning precision string, reason)` for the Trainer: an explicit `trainer.precision` wins; a fit
+    whose task says why it trains in fp32 (`Setup.fp32_training`) does so: a cached head always, a student
+    (STUDENT_ON_CPU) when `precision=auto`; otherwise training follows the run's precision."""
     trainer = config.trainer.get("precision")
     if trainer is not None:
         return str(trainer), "trainer.precision set explicitly"
-    if not backbone_runs:
-        return LIGHTNING[Precision.fp32], "the head trains on cached embeddings: no backbone forward to speed up"
+    if fp32_training and (config.precision == Precision.auto or fp32_training == CACHED_HEAD):
+        return LIGHTNING[Precision.fp32], fp32_training
     return resolved.lightning, f"precision={resolved}"

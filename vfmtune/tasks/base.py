@@ -29,14 +29,16 @@ from vfmtune.metrics import MetricSpec
 @dataclass
 class Setup:
     """What `vfmtune.fit` trains: the module, its data, the task's own callbacks and figures for the report.
-    `backbone_runs` is False when training sees only cached embeddings (a head on fixed features: it trains
-    in fp32); `one_thread` trains on one intra-op thread (`vfmtune.device.OneThread`: ops too small to split)."""
+    `fp32_training` says why this fit trains in fp32 whatever `precision` asks (None: training follows the
+    run's precision): a head on cached embeddings has no backbone forward to speed up, and a CNN student
+    trains slower under bf16 autocast on a CPU. `one_thread` trains on one intra-op thread
+    (`vfmtune.device.OneThread`: ops too small to split)."""
 
     model: TaskModule
     data: L.LightningDataModule
     callbacks: list[L.Callback] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
-    backbone_runs: bool = True
+    fp32_training: str | None = None
     one_thread: bool = False
 
 

@@ -32,6 +32,7 @@ from vfmtune.device import Shard
 from vfmtune.embedding_cache import embed_images
 from vfmtune.inference import eval_loader, run_inference, write_class_predictions
 from vfmtune.metrics import ClassMetrics
+from vfmtune.precision import CACHED_HEAD
 from vfmtune.report import classification_report
 from vfmtune.sampling import build_sampler, check_imbalance_options, resample_embeddings
 from vfmtune.tasks.base import Setup, Task, TaskModule
@@ -153,7 +154,7 @@ class ClassifyTask(Task):
             return datasets, build_sampler(config.data.sampler, train_labels, config.seed)
 
         data = SplitData(build, batch_size=config.data.batch_size, num_workers=0 if cached else config.data.num_workers)
-        return Setup(model, data, callbacks=[unfreezing] if unfreezing else [], backbone_runs=not cached,
+        return Setup(model, data, callbacks=[unfreezing] if unfreezing else [], fp32_training=CACHED_HEAD if cached else None,
                      one_thread=cached)  # a BatchNorm + linear head: ~10x faster unsplit (BENCHMARKS.md)
 
     def after_fit(self, model: TaskModule, out: Path, prepared: Prepared) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from vfmtune.faults import fault_point
 from vfmtune.inference import eval_loader
 from vfmtune.io import atomic_path
 from vfmtune.metrics import MaskMetrics
+from vfmtune.precision import CACHED_HEAD
 from vfmtune.report import overlay, plot_overlays, segmentation_report, voc_palette
 from vfmtune.tasks.base import ExportGate, Setup, Task, TaskModule
 from vfmtune.tasks.segmenter import LowResLogits, Segmenter, TiledSegmenter, encode
@@ -148,7 +149,8 @@ class SegmentTask(Task):
         if cached and config.data.augment.enabled:
             print("frozen backbone: the head trains on cached token maps of the un-augmented images "
                   "(finetune.cache_embeddings=false trains on augmented images instead)")
-        return Setup(model, data, callbacks=[unfreezing] if unfreezing else [], figures={"window": window}, backbone_runs=not cached)
+        return Setup(model, data, callbacks=[unfreezing] if unfreezing else [], figures={"window": window},
+                     fp32_training=CACHED_HEAD if cached else None)
 
     def after_fit(self, model: TaskModule, out: Path, prepared: Prepared) -> dict[str, Any]:
         split = "test" if "test" in prepared.splits else "val"
