@@ -101,8 +101,8 @@ def tent(module: nn.Module, batches: Iterable[torch.Tensor], steps: int = 1, lr:
     """Minimise the mean prediction entropy on target `batches` (`steps` passes) through the affine
     parameters of the norm layers; BatchNorms use batch statistics meanwhile, as in TENT, and keep the
     target's statistics afterwards (so the adapted model is an ordinary one to save and deploy).
-    `autocast` is the run's precision context (bf16 on AMX: the ViT's forward and backward in bf16, the
-    norm parameters and the optimiser in fp32). Returns how many parameters were adapted.
+    `autocast` is the run's precision context (bf16 where the hardware computes it natively: the forward and
+    backward in bf16, the norm parameters and the optimiser in fp32). Returns how many parameters were adapted.
 
     Raises:
         ValueError: the model has no norm layer with affine parameters (nothing TENT may change).

@@ -72,8 +72,9 @@ def adapt_model(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_di
     if config.data.target_test:
         metrics.update({f"before/{k}": v for k, v in score_target(task, model, run_cfg).items()})
     pool = target_pool(run_cfg, prepared)
-    device, autocast = compute_device(run_cfg), resolve_precision(run_cfg).autocast
-    print(f"precision: {resolve_precision(run_cfg)}")
+    device, precision = compute_device(run_cfg), resolve_precision(run_cfg)
+    autocast = precision.autocast
+    print(f"precision: {precision}")
     if method == AdaptMethod.adabn:
         if _frozen_probe(model):  # its BatchNorm is the head's: re-estimated on the pool's cached embeddings
             feats = embed_images(dataclasses.replace(run_cfg, backbone=model.config.backbone), model.backbone, pool)
