@@ -43,10 +43,10 @@ def test_choose_precision__fp16_on_cpu_is_an_error() -> None:
 def test_trainer_precision__explicit_trainer_setting_wins_and_cached_heads_train_in_fp32() -> None:
     bf16 = Resolved(Precision.bf16, "cpu", "test")
     assert trainer_precision(typed({}), bf16)[0] == "bf16-mixed"
-    assert trainer_precision(typed({}), bf16, CACHED_HEAD) == ("32-true", CACHED_HEAD)
+    assert trainer_precision(typed({}), bf16, CACHED_HEAD) == ("32-true", CACHED_HEAD.reason)
     assert trainer_precision(typed({"precision": "bf16"}), bf16, CACHED_HEAD)[0] == "32-true"
     # a student on the CPU: fp32 under precision=auto (bf16 measured slower), bf16 when the user asks for it
-    assert trainer_precision(typed({}), bf16, STUDENT_ON_CPU) == ("32-true", STUDENT_ON_CPU)
+    assert trainer_precision(typed({}), bf16, STUDENT_ON_CPU) == ("32-true", STUDENT_ON_CPU.reason)
     assert trainer_precision(typed({"precision": "bf16"}), bf16, STUDENT_ON_CPU)[0] == "bf16-mixed"
     assert trainer_precision(typed({"trainer": {"precision": "32-true"}}), bf16) == ("32-true", "trainer.precision set explicitly")
     assert trainer_precision(typed({}), Resolved(Precision.fp32, "cpu", "test"))[0] == "32-true"

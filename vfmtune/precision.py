@@ -112,19 +112,31 @@ def resolve_precision(config: Config) -> Resolved:
     return Resolved(precision, device, reason)
 
 
-CACHED_HEAD = "the head trains on cached embeddings: no backbone forward to speed up"
+@dataclass(frozen=True)
+class Fp32Training:
+    """Why a task's fit trains in fp32 whatever the run's precision: on which devices, and whether it also
+    overrides an explicit `precision=` (else only `auto`)."""
+
+    reason: str
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    overrides_explicit: bool = False
+
+
+CACHED_HEAD = Fp32Training("the head trains on cached embeddings: no backbone forward to speed up", overrides_explicit=True)
 # bench/speed.py, student_step: an EfficientNet-Lite0 training step runs 0.78x as fast under bf16 autocast as
 # in fp32 on this project's CPU (avx512_bf16, no AMX): its depthwise convolutions have no fast bf16 kernel.
-STUDENT_ON_CPU = "the student trains slower under bf16 autocast on a CPU (bench/speed.py student_step: 0.78x)"
+STUDENT_ON_CPU = Fp32Training("the student trains slower under bf16 autocast on a CPU (bench/speed.py student_step: 0.78x)",
+                              devices=("cpu",))
 
 
-def trainer_precision(config: Config, resolved: Resolved, fp32_training: str | None = None) -> tuple[str, str]:
-    """`(lightning precision string, reason)` for the Trainer: an explicit `trainer.precision` wins; a fit
-    whose task says why it trains in fp32 (`Setup.fp32_training`) does so: a cached head always, a student
-    (STUDENT_ON_CPU) when `precision=auto`; otherwise training follows the run's precision."""
+def trainer_precision(config: Config, resolved: Resolved, fp32_training: Fp32Training | None = None) -> tuple[str, str]:
+    """`(lightning precision string, reason)` for the Trainer: an explicit `trainer.precision` wins; then the
+    task's `Setup.fp32_training` rule where it applies (its devices; `auto`, or any precision if it overrides
+    explicit ones); otherwise training follows the run's precision."""
     trainer = config.trainer.get("precision")
     if trainer is not None:
         return str(trainer), "trainer.precision set explicitly"
-    if fp32_training and (config.precision == Precision.auto or fp32_training == CACHED_HEAD):
-        return LIGHTNING[Precision.fp32], fp32_training
+    rule = fp32_training
+    if rule and resolved.device in rule.devices and (rule.overrides_explicit or config.precision == Precision.auto):
+        return LIGHTNING[Precision.fp32], rule.reason
     return resolved.lightning, f"precision={resolved}"

@@ -24,6 +24,7 @@ from vfmtune.data.prepare import Prepared, prepare_data, sample_table
 from vfmtune.data.transforms import build_transforms
 from vfmtune.faults import fault_point
 from vfmtune.metrics import MetricSpec
+from vfmtune.precision import Fp32Training
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Setup:
     data: L.LightningDataModule
     callbacks: list[L.Callback] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
-    fp32_training: str | None = None
+    fp32_training: Fp32Training | None = None
     one_thread: bool = False
 
 

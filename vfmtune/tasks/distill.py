@@ -22,7 +22,7 @@ from vfmtune.config import AugmentConfig, DataConfig, DistillCommand
 from vfmtune.data.datamodule import ImageDataset, SplitData
 from vfmtune.data.prepare import Prepared, training_only_images
 from vfmtune.data.transforms import build_transforms
-from vfmtune.device import Shard, compute_device
+from vfmtune.device import Shard
 from vfmtune.embedding_cache import embed_images
 from vfmtune.inference import eval_loader
 from vfmtune.metrics import ClassMetrics
@@ -101,7 +101,7 @@ class DistillTask(Task):
         figures = {"teacher": str(config.teacher), "student": config.student,
                    "student_params": sum(p.numel() for p in model.student.parameters())}
         return Setup(model, SplitData(build, batch_size=d.batch_size, num_workers=d.num_workers), figures=figures,
-                     fp32_training=STUDENT_ON_CPU if compute_device(config).type == "cpu" else None)
+                     fp32_training=STUDENT_ON_CPU)
 
     def load(self, checkpoint: dict[str, Any]) -> Distiller:
         hp = checkpoint["hyper_parameters"]

@@ -26,7 +26,6 @@ from vfmtune.data.images import load_image
 from vfmtune.data.masks import IGNORE_INDEX, ColourTable, load_mask
 from vfmtune.data.paired import PairedTransform, build_paired_transforms, image_transform
 from vfmtune.data.prepare import Prepared
-from vfmtune.device import compute_device
 from vfmtune.embedding_cache import embed_images
 from vfmtune.precision import STUDENT_ON_CPU
 from vfmtune.tasks.base import Setup
@@ -112,7 +111,7 @@ class SegDistillTask(SegmentTask):
                          eval_batch_size=None if uniform_eval_sizes(prepared) else 1)
         figures = {"teacher": str(config.teacher), "student": config.student, "window": model.window,
                    "student_params": sum(p.numel() for p in model.student.parameters())}
-        return Setup(model, data, figures=figures, fp32_training=STUDENT_ON_CPU if compute_device(config).type == "cpu" else None)
+        return Setup(model, data, figures=figures, fp32_training=STUDENT_ON_CPU)
 
     def load(self, checkpoint: dict[str, Any]) -> SegDistiller:
         hp = checkpoint["hyper_parameters"]
