@@ -9,6 +9,7 @@ shifted copies the labelled target test set (400) that no method sees while trai
 Every method reports source-test and target-test macro-F1:
   none_224 / none_448     frozen DINOv2-S linear probe at 224 / 448 px, no adaptation
   adabn_448               the 448 px probe with its BatchNorm feature norm re-estimated on the pool
+  adabn_routed_448        the same, keeping the source statistics too: a domain classifier routes each image
   tent_448                the same probe, entropy minimised through DINOv2's LayerNorms on the pool
   self_training_448       two rounds of class-balanced pseudo-labels (confidence >= 0.9) from the pool
   lora_224 / coral_224 / dann_224   LoRA r=8 fine-tunes at 224 px, plain or aligning source and pool features
@@ -21,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import tempfile
 from pathlib import Path
 
-from common import write_results
+from common import RESULTS, write_results
 
 import vfmtune
 from vfmtune.camera_shift import shift_folder
@@ -34,7 +36,7 @@ from vfmtune.data.splits import stratified_split
 PROBE = ["finetune=frozen", "data.val_fraction=0.1", "data.test_fraction=0.2"]
 LORA = ["finetune=lora", "optim.lr=1e-3", "optim.backbone_lr_scale=1.0", "head.feature_norm=false", "trainer.max_epochs=3",
         "early_stopping.enabled=false", "data.batch_size=16", "backbone.img_size=224"]
-METHODS = ["none_224", "none_448", "adabn_448", "tent_448", "self_training_448", "oracle_448", "lora_224", "coral_224", "dann_224"]
+METHODS = ["none_224", "none_448", "adabn_448", "adabn_routed_448", "tent_448", "self_training_448", "oracle_448", "lora_224", "coral_224", "dann_224"]
 
 
 def make_domains(tmp: Path, severities: list[int]) -> dict:
@@ -67,16 +69,19 @@ def run_method(name: str, severity: int, tmp: Path, domains: dict, extra: list[s
               "trainer.enable_progress_bar=false", "data.num_workers=2", f"cache_dir={cache}", *extra]
     probe448 = [*PROBE, "backbone.img_size=448"]
     run_dir = tmp / "runs" / f"{name}_s{severity}"
-    if name in ("none_224", "none_448"):
+    if (run_dir / "metrics.json").is_file():  # --keep: a finished method is read back, not rerun
+        m = json.loads((run_dir / "metrics.json").read_text())
+    elif name in ("none_224", "none_448"):
         size = name.split("_")[1]
         m = vfmtune.train(overrides=[*common, *PROBE, f"backbone.img_size={size}"], run_dir=run_dir)["metrics"]
-    elif name in ("adabn_448", "tent_448"):
+    elif name in ("adabn_448", "adabn_routed_448", "tent_448"):
         base = tmp / "runs" / f"none_448_s{severity}"
         if not (base / "metrics.json").is_file():
             run_method("none_448", severity, tmp, domains, extra, cache)
         method = name.split("_")[0]
+        routed = ["adapt.keep_source=true"] if "routed" in name else []
         m = vfmtune.adapt_model(overrides=[f"ckpt={base}", f"data.target={s / 'pool'}", f"data.target_test={s / 'test'}",
-                                           f"adapt.method={method}", f"cache_dir={cache}", "data.num_workers=2", *extra],
+                                           f"adapt.method={method}", f"cache_dir={cache}", "data.num_workers=2", *routed, *extra],
                                 run_dir=run_dir)["metrics"]
     elif name == "self_training_448":
         m = vfmtune.train(overrides=[*common, *probe448, f"data.target={s / 'pool'}", "adapt.method=self_training",
@@ -85,13 +90,15 @@ def run_method(name: str, severity: int, tmp: Path, domains: dict, extra: list[s
         oracle = [f"data.manifest={s / 'oracle.csv'}", "data.dataset=null", f"data.target_test={s / 'test'}",
                   "trainer.enable_progress_bar=false", "data.num_workers=2", f"cache_dir={cache}", *extra]
         m = vfmtune.train(overrides=[*oracle, *probe448, "data.test_fraction=0"], run_dir=run_dir)["metrics"]
-        m["test/macro_f1"] = None  # its test split is the target's: no source-test figure
     else:  # lora_224 / coral_224 / dann_224
         method = name.split("_")[0]
         adapt = [] if method == "lora" else [f"data.target={s / 'pool'}", f"adapt.method={method}", "adapt.weight=1.0"]
         m = vfmtune.train(overrides=[*common, *LORA, "data.val_fraction=0.1", "data.test_fraction=0.2", *adapt], run_dir=run_dir)["metrics"]
+    if name == "oracle_448":
+        m["test/macro_f1"] = None  # its test split is the target's: no source-test figure
     return {"source_test_macro_f1": m.get("test/macro_f1"), "target_test_macro_f1": m.get("target/macro_f1"),
-            "target_test_accuracy": m.get("target/accuracy")}
+            "target_test_accuracy": m.get("target/accuracy"),
+            **{k.replace("/", "."): v for k, v in m.items() if k.startswith("routing/")}}
 
 
 def main() -> None:
@@ -104,6 +111,11 @@ def main() -> None:
     parser.add_argument("--results", default="domain_shift")
     args = parser.parse_args()
     figures: dict = {"severities": args.severities, "extra": args.extra}
+    previous = RESULTS / f"{args.results}.json"
+    if previous.is_file():  # methods run in separate invocations merge into one table (same split, same shift)
+        old = json.loads(previous.read_text())
+        figures = {k: v for k, v in old.items() if k[0] == "s" and k[1].isdigit()} | figures
+        figures["severities"] = sorted(set(old.get("severities", [])) | set(args.severities))
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(args.keep or scratch)
         tmp.mkdir(parents=True, exist_ok=True)
@@ -126,7 +138,7 @@ def main() -> None:
                     figures[f"s{severity}.student_{when}.target_test_macro_f1"] = round(m[f"{prefix}target/macro_f1"], 4)
             none, oracle = figures.get(f"s{severity}.none_448.target_test_macro_f1"), figures.get(f"s{severity}.oracle_448.target_test_macro_f1")
             if none is not None and oracle is not None and oracle > none:
-                for name in args.methods:
+                for name in METHODS:
                     value = figures.get(f"s{severity}.{name}.target_test_macro_f1")
                     if value is not None and name not in ("oracle_448",):
                         figures[f"s{severity}.{name}.gap_closed_vs_none_448"] = round((value - none) / (oracle - none), 3)

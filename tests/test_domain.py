@@ -52,6 +52,21 @@ def test_mmd_and_domain_auc__tell_shift_from_sampling_noise() -> None:
     assert domain_auc(x, same) < 0.7 < 0.9 < domain_auc(x, moved)
 
 
+def test_adapt_batchnorm__exact_statistics_whatever_the_batch_order() -> None:
+    from torch import nn
+
+    from vfmtune.adapt.domain import adapt_batchnorm
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(24, 16) * 0.1, torch.randn(24, 16) * 0.1 + 1])  # a folder sorted by class
+    for order in (torch.arange(48), torch.randperm(48)):
+        bn = nn.BatchNorm1d(16, affine=False)
+        assert adapt_batchnorm(nn.Sequential(bn, nn.Linear(16, 3)), x[order].split(8)) == 1
+        # per-batch variances average to ~0.01 for the sorted order; the data's variance is ~0.26
+        torch.testing.assert_close(bn.running_var, x.var(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(bn.running_mean, x.mean(0), rtol=1e-4, atol=1e-6)
+
+
 def test_select_pseudo_labels__confident_and_class_balanced() -> None:
     probs = torch.tensor([[0.99, 0.01], [0.95, 0.05], [0.9, 0.1], [0.3, 0.7], [0.08, 0.92], [0.6, 0.4]])
     assert select_pseudo_labels(probs, 0.85) == ([0, 4], [0, 1])  # class 1 has one confident image: one each
@@ -81,6 +96,57 @@ def test_adabn__measurably_reduces_the_shift(domains: dict[str, Path], tmp_path:
     assert {"test/macro_f1", "before/test/macro_f1"} <= set(m)  # source and target side by side
     ckpt = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["adapted"]["method"] == "adabn"
+
+
+def test_adabn_keep_source__one_checkpoint_serves_both_cameras(domains: dict[str, Path], tmp_path: Path) -> None:
+    main(["adapt", f"ckpt={domains['run']}", f"data.target={domains['pool']}", "adapt.method=adabn", "adapt.keep_source=true",
+          f"data.target_test={domains['target_test']}", f"hydra.run.dir={tmp_path / 'routed'}"])
+    main(["adapt", f"ckpt={domains['run']}", f"data.target={domains['pool']}", "adapt.method=adabn",
+          f"data.target_test={domains['target_test']}", f"hydra.run.dir={tmp_path / 'swapped'}"])
+    routed = json.loads((tmp_path / "routed" / "metrics.json").read_text())
+    swapped = json.loads((tmp_path / "swapped" / "metrics.json").read_text())
+    # each camera's images find their own statistics: the source keeps its score, the target gets AdaBN's
+    assert routed["routing/target_pool_as_target"] > 0.9 and routed["routing/source_train_as_source"] > 0.9
+    assert routed["test/macro_f1"] >= routed["before/test/macro_f1"] - 0.05
+    assert routed["target/macro_f1"] >= swapped["target/macro_f1"] - 0.05
+    from vfmtune.adapt.routed_norm import RoutedBatchNorm
+    from vfmtune.loading import load_model
+
+    model = load_model(tmp_path / "routed")  # reloads with both rows of statistics
+    assert isinstance(model.head[0], RoutedBatchNorm) and model.head[0].running_mean.shape[0] == 2
+    # the export routes as the checkpoint does: the ONNX bundle's logits on target-camera images match torch's
+    main(["export", f"ckpt={tmp_path / 'routed'}", "format=onnx", f"hydra.run.dir={tmp_path / 'export'}"])
+    from vfmtune.data.datamodule import ImageDataset
+    from vfmtune.inference import run_inference
+    from vfmtune.runtime import Predictor
+    from vfmtune.tasks.classify import eval_transform
+
+    images = sorted(str(p) for p in domains["target_test"].rglob("*.png"))
+    onnx = Predictor(tmp_path / "export" / "bundle").logits(images)
+    torch_logits = run_inference(model, ImageDataset(images, [0] * len(images), eval_transform(model)), model.config).numpy()
+    np.testing.assert_allclose(onnx, torch_logits, atol=1e-3, rtol=1e-3)
+
+
+def test_adabn_on_a_distilled_student__every_batchnorm_moves(domains: dict[str, Path], distill_runs: dict[str, Path],
+                                                             tmp_path: Path, capsys) -> None:
+    main(["adapt", f"ckpt={distill_runs['student']}", f"data.target={domains['pool']}", "adapt.method=adabn",
+          f"data.target_test={domains['target_test']}", f"hydra.run.dir={tmp_path}"])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"before/test/macro_f1", "test/macro_f1", "before/target/macro_f1", "target/macro_f1"} <= set(m)
+    moved = int(capsys.readouterr().out.split("AdaBN: ")[1].split()[0])
+    assert moved > 5  # the CNN's BatchNorms, not just a head
+    from vfmtune.loading import load_model
+
+    before, after = load_model(distill_runs["student"]), load_model(tmp_path)
+    changed = [k for k, v in after.state_dict().items() if k.endswith("running_mean") and not torch.equal(v, before.state_dict()[k])]
+    assert len(changed) == moved
+
+
+def test_keep_source_without_a_frozen_probe__refused(domains: dict[str, Path], tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["adapt", f"ckpt={domains['run']}", f"data.target={domains['pool']}", "adapt.method=tent", "adapt.keep_source=true",
+              f"hydra.run.dir={tmp_path}"])
+    assert "adapt.keep_source=true routes a frozen probe" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["coral", "dann"])

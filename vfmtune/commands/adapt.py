@@ -4,12 +4,17 @@ on labelled target images, before and after, side by side."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from vfmtune.adapt.domain import adapt_batchnorm, tent
+from vfmtune.adapt.routed_norm import RoutedBatchNorm
 from vfmtune.checkpoint import load_checkpoint, resolve_checkpoint
 from vfmtune.choices import AdaptMethod, ConfigError, FinetuneMode
 from vfmtune.commands.evaluate import trained_run_config
@@ -44,6 +49,16 @@ def _frozen_probe(model: Any) -> bool:
     return isinstance(model, Classifier) and uses_cache(model.config, model) and model.config.finetune.mode == FinetuneMode.frozen
 
 
+def _routing(norm: RoutedBatchNorm, pool: torch.Tensor, source: torch.Tensor) -> dict[str, float]:
+    """How often the routed feature norm picks the right domain on the images it was fitted on (the source and
+    target test scores are the held-out check)."""
+    with torch.inference_mode():
+        to_target, to_source = (norm.route(pool) == 1).float().mean().item(), (norm.route(source) == 0).float().mean().item()
+    print(f"routing: {to_target:.1%} of the target pool to the target statistics, {to_source:.1%} of the source "
+          "training images to the source's (a low figure: the embedding cannot tell the cameras apart; deploy two runs)")
+    return {"routing/target_pool_as_target": to_target, "routing/source_train_as_source": to_source}
+
+
 def adapt_model(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> dict[str, Any]:
     """AdaBN (BatchNorm statistics of the target images) or TENT (entropy minimisation through the norm
     layers' affine parameters) on a trained classifier or distilled student; writes `checkpoints/best.ckpt`
@@ -63,6 +78,11 @@ def adapt_model(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_di
     task = get_task(model_task(model))
     if task.target != "class":
         raise ConfigError(f"adapt supports classifiers and distilled students, not task={task.name}.")
+    if config.adapt.keep_source and not (method == AdaptMethod.adabn and _frozen_probe(model)
+                                         and isinstance(model.head[0], nn.BatchNorm1d)):
+        raise ConfigError(f"adapt.keep_source=true routes a frozen probe's feature BatchNorm (adapt.method=adabn on a "
+                          f"finetune=frozen run with head.feature_norm=true); ckpt={config.ckpt} is not one. Deploy the "
+                          "adapted run for the target camera and the source run for the source camera instead.")
     run_cfg = trained_run_config(model.config, config, overrides)
     run_cfg = dataclasses.replace(run_cfg, data=dataclasses.replace(run_cfg.data, target=config.data.target,
                                                                     target_test=config.data.target_test), adapt=config.adapt)
@@ -77,8 +97,18 @@ def adapt_model(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_di
     print(f"precision: {precision}")
     if method == AdaptMethod.adabn:
         if _frozen_probe(model):  # its BatchNorm is the head's: re-estimated on the pool's cached embeddings
-            feats = embed_images(dataclasses.replace(run_cfg, backbone=model.config.backbone), model.backbone, pool)
+            embed_cfg = dataclasses.replace(run_cfg, backbone=model.config.backbone)
+            feats = embed_images(embed_cfg, model.backbone, pool)
+            source_norm = copy.deepcopy(model.head[0])
             moved = adapt_batchnorm(model.head, feats.split(run_cfg.data.batch_size), device)
+            if config.adapt.keep_source:
+                # Both rows estimated alike (a cumulative average over the domain's images), so that neither
+                # domain's likelihood is skewed by a running estimate that had few updates in training.
+                source = embed_images(embed_cfg, model.backbone, prepared.subset("train")[0])
+                adapt_batchnorm(source_norm, source.split(run_cfg.data.batch_size), device)
+                model.head = model.head.cpu()
+                model.head[0] = RoutedBatchNorm.fit([source_norm.cpu(), model.head[0]], [source, feats], run_cfg.seed)
+                metrics.update(_routing(model.head[0], feats, source))
         else:
             moved = adapt_batchnorm(_module(model, task), _inputs(model, pool, run_cfg), device, autocast)
         if not moved:
@@ -93,7 +123,10 @@ def adapt_model(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_di
     if config.data.target_test:
         metrics.update(score_target(task, model, run_cfg))
     checkpoint = load_checkpoint(resolve_checkpoint(config.ckpt))
-    hp = {**checkpoint["hyper_parameters"], "adapted": {"method": str(method), "target": str(config.data.target), "images": len(pool)}}
+    adapted = {"method": str(method), "target": str(config.data.target), "images": len(pool)}
+    if config.adapt.keep_source:
+        adapted["domains"] = ["source", "target"]  # rows of the head's RoutedBatchNorm statistics
+    hp = {**checkpoint["hyper_parameters"], "adapted": adapted}
     torch_save({"state_dict": model.state_dict(), "hyper_parameters": hp}, out / "checkpoints" / "best.ckpt")
     task.report(metrics, model.classes, out, ["test", *(["target"] if config.data.target_test else [])])
     write_json(out / "metrics.json", {**metrics, "method": str(method), "source_checkpoint": str(config.ckpt)})

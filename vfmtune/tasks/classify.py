@@ -20,6 +20,7 @@ from vfmtune.adapt.freeze import is_frozen, param_table
 from vfmtune.adapt.head_init import init_head_from
 from vfmtune.adapt.lora import load_adapter, read_adapter_meta, save_adapter
 from vfmtune.adapt.progressive import progressive_callback
+from vfmtune.adapt.routed_norm import RoutedBatchNorm
 from vfmtune.backbones import data_config
 from vfmtune.checkpoint import FROZEN_WEIGHTS
 from vfmtune.choices import AdaptMethod, ConfigError, FinetuneMode, ResampleMethod
@@ -174,6 +175,9 @@ class ClassifyTask(Task):
         model = Classifier(typed(hp["config"], Config, strict=False), hp["classes"], load_weights=incomplete,
                            class_counts=hp.get("class_counts"))
         model.on_load_checkpoint(checkpoint)
+        domains = hp.get("adapted", {}).get("domains")
+        if domains:  # `vfmtune adapt adapt.keep_source=true`: the feature norm keeps one statistics row per domain
+            model.head[0] = RoutedBatchNorm(len(domains), model.head[0].num_features, model.head[0].eps)
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval()
 
