@@ -1,6 +1,6 @@
 """Cut-paste synthetic data for semantic segmentation of nuclei: real vs synthetic vs both, tested on real tiles.
 
-Run: python bench/sam_synth.py --data DIR [--seeds 0 1 2] [--n 200] [--segment-args ...]
+Run: python bench/sam_synth.py --data DIR [--seeds 0 1 2] [--n 200] [--segment-args ...] [--variants real synthetic both]
 
 For each split seed (`stratified_mask_split` of the 16 nuclei tiles, as every segmentation benchmark here):
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--n", type=int, default=200, help="synthetic scenes per seed")
     parser.add_argument("--segment-args", nargs="*", default=[], help="the segmentation task's best settings")
+    parser.add_argument("--variants", nargs="+", default=["real", "synthetic", "both"], choices=["real", "synthetic", "both"])
+    parser.add_argument("--results", default="sam_synth")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {}
@@ -75,7 +78,7 @@ def main() -> None:
         manifest = synthetic_only_manifest(synth, run, args.work / f"synthetic_only_seed{seed}.csv")
         variants = {"real": [f"data.root={args.data / 'nuclei'}"], "synthetic": [f"data.manifest={manifest}"],
                     "both": [f"data.root={args.data / 'nuclei'}", f"data.synthetic={synth}"]}
-        for name, data_args in variants.items():
+        for name, data_args in ((k, v) for k, v in variants.items() if k in args.variants):
             overrides = ["task=segment", f"data.seed={seed}", *data_args, *args.segment_args]
             out = args.work / f"{name}_seed{seed}"
             if not (out / "metrics.json").is_file():
@@ -83,9 +86,17 @@ def main() -> None:
             m = json.loads((out / "metrics.json").read_text())
             figures.update({f"segment.seed{seed}.{name}.{k.split('/', 1)[1]}": v for k, v in m.items()
                             if k.startswith("test/") and isinstance(v, float) and k.count("/") == 1})
-            figures[f"segment.seed{seed}.{name}.train_images_synthetic"] = m.get("train_images_synthetic")
+            # a manifest does not say its images are synthetic: variant (b) trains on the scenes only
+            synthetic = info["n_images"] if name == "synthetic" else m.get("train_images_synthetic")
+            figures[f"segment.seed{seed}.{name}.train_images_synthetic"] = synthetic
+    for name in args.variants:
+        for metric in ("miou", "dice"):
+            values = [figures[k] for seed in args.seeds if (k := f"segment.seed{seed}.{name}.{metric}") in figures]
+            if values:
+                figures[f"segment.{name}.{metric}.mean"] = round(statistics.mean(values), 4)
+                figures[f"segment.{name}.{metric}.std"] = round(statistics.pstdev(values), 4)
     figures["segment.settings"] = " ".join(args.segment_args)
-    write_results("sam_synth", figures)
+    write_results(args.results, figures)
 
 
 if __name__ == "__main__":
