@@ -226,8 +226,8 @@ class AdaptConfig:
     rounds: int = 2  # self_training: pseudo-label -> retrain rounds after the source-only model
     steps: int = 1  # tent: passes over the target images
     lr: float = 1e-4  # tent: learning rate of the norm layers' affine parameters
-    # adabn on a frozen probe: keep the source statistics next to the target's and route each image to the
-    # domain it is likelier under (vfmtune/adapt/routed_norm.py): one checkpoint for both cameras.
+    # adabn on a frozen probe: keep the source statistics next to the target's, and a domain classifier picks
+    # one set per image (vfmtune/adapt/routed_norm.py): one checkpoint for both cameras.
     keep_source: bool = False
 
 

@@ -41,7 +41,7 @@ class RoutedBatchNorm(nn.Module):
     @classmethod
     def fit(cls, norms: Sequence[nn.BatchNorm1d], features: Sequence[torch.Tensor], seed: int = 0) -> RoutedBatchNorm:
         """Stack eval-mode `BatchNorm1d(affine=False)` statistics, one per domain, and fit the router on each
-        domain's `features` (a standardised multinomial logistic regression, folded into one linear map)."""
+        domain's `features` (a logistic regression on standardised features, folded into one linear map)."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
 

@@ -102,8 +102,8 @@ def adapt_model(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_di
             source_norm = copy.deepcopy(model.head[0])
             moved = adapt_batchnorm(model.head, feats.split(run_cfg.data.batch_size), device)
             if config.adapt.keep_source:
-                # Both rows estimated alike (a cumulative average over the domain's images), so that neither
-                # domain's likelihood is skewed by a running estimate that had few updates in training.
+                # Both rows estimated alike (exact statistics over the domain's images): a short cached fit's
+                # running estimate may have had only a few momentum updates from its initial (0, 1).
                 source = embed_images(embed_cfg, model.backbone, prepared.subset("train")[0])
                 adapt_batchnorm(source_norm, source.split(run_cfg.data.batch_size), device)
                 model.head = model.head.cpu()
