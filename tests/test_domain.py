@@ -73,9 +73,11 @@ def test_select_pseudo_labels__confident_and_class_balanced() -> None:
     assert select_pseudo_labels(probs, 0.85, per_class=2) == ([0, 1, 4], [0, 0, 1])
 
 
-def test_shift_report__detects_the_camera_change(domains: dict[str, Path], tmp_path: Path) -> None:
+def test_shift_report__detects_the_camera_change(domains: dict[str, Path], tmp_path: Path, capsys) -> None:
     main(["shift", f"ckpt={domains['run']}", f"target={domains['target_test']}", f"hydra.run.dir={tmp_path / 'shifted'}"])
+    assert "adapt.keep_source=true" in capsys.readouterr().out  # separable domains: the one-model remedy is named
     main(["shift", f"ckpt={domains['run']}", f"target={domains['fresh']}", f"hydra.run.dir={tmp_path / 'same'}"])
+    assert "adapt.keep_source=true" not in capsys.readouterr().out
     shifted = json.loads((tmp_path / "shifted" / "shift.json").read_text())
     same = json.loads((tmp_path / "same" / "shift.json").read_text())
     # 50 vs 30 images: the domain classifier sees the camera clearly; MMD only orders the two targets

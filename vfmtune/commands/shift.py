@@ -81,5 +81,8 @@ def shift(cfg: ConfigLike = None, *, overrides: Sequence[str] = (), run_dir: str
           f"{metrics['domain_auc']:.3f}; mean confidence {metrics['source/confidence']:.3f} on the training images, "
           f"{metrics['target/confidence']:.3f} on the target" +
           (f"; target macro-F1 {metrics['target/macro_f1']:.3f}" if "target/macro_f1" in metrics else ""))
+    if metrics["domain_auc"] >= 0.95:  # the routed AdaBN's domain classifier will separate them too
+        print(f"the embedding tells the two domains apart: `vfmtune adapt ckpt={config.ckpt} data.target={config.target} "
+              "adapt.method=adabn adapt.keep_source=true` adapts a frozen probe and keeps serving the training domain")
     print(f"run directory: {out}")
     return {"run_dir": str(out), "metrics": metrics}
