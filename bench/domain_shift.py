@@ -13,6 +13,8 @@ Every method reports source-test and target-test macro-F1:
   tent_448                the same probe, entropy minimised through DINOv2's LayerNorms on the pool
   self_training_448       two rounds of class-balanced pseudo-labels (confidence >= 0.9) from the pool
   lora_224 / coral_224 / dann_224   LoRA r=8 fine-tunes at 224 px, plain or aligning source and pool features
+                                    (alignment weight 1.0)
+  dann_224_w01            DANN as above at adapt.weight=0.1
   oracle_448              the 448 px probe trained on the target's own labelled training images (the ceiling)
   student_before / _adabn  with --student RUN: a distilled student under the same shift, without and with AdaBN
 Gap closed = (method - none) / (oracle - none) on target-test macro-F1, per severity.
@@ -36,7 +38,8 @@ from vfmtune.data.splits import stratified_split
 PROBE = ["finetune=frozen", "data.val_fraction=0.1", "data.test_fraction=0.2"]
 LORA = ["finetune=lora", "optim.lr=1e-3", "optim.backbone_lr_scale=1.0", "head.feature_norm=false", "trainer.max_epochs=3",
         "early_stopping.enabled=false", "data.batch_size=16", "backbone.img_size=224"]
-METHODS = ["none_224", "none_448", "adabn_448", "adabn_routed_448", "tent_448", "self_training_448", "oracle_448", "lora_224", "coral_224", "dann_224"]
+METHODS = ["none_224", "none_448", "adabn_448", "adabn_routed_448", "tent_448", "self_training_448", "oracle_448", "lora_224", "coral_224", "dann_224", "dann_224_w01"]
+ALIGN_WEIGHT = {"coral_224": 1.0, "dann_224": 1.0, "dann_224_w01": 0.1}  # adapt.weight of the aligned LoRA runs
 
 
 def make_domains(tmp: Path, severities: list[int]) -> dict:
@@ -90,9 +93,9 @@ def run_method(name: str, severity: int, tmp: Path, domains: dict, extra: list[s
         oracle = [f"data.manifest={s / 'oracle.csv'}", "data.dataset=null", f"data.target_test={s / 'test'}",
                   "trainer.enable_progress_bar=false", "data.num_workers=2", f"cache_dir={cache}", *extra]
         m = vfmtune.train(overrides=[*oracle, *probe448, "data.test_fraction=0"], run_dir=run_dir)["metrics"]
-    else:  # lora_224 / coral_224 / dann_224
+    else:  # lora_224 / coral_224 / dann_224 / dann_224_w01
         method = name.split("_")[0]
-        adapt = [] if method == "lora" else [f"data.target={s / 'pool'}", f"adapt.method={method}", "adapt.weight=1.0"]
+        adapt = [] if method == "lora" else [f"data.target={s / 'pool'}", f"adapt.method={method}", f"adapt.weight={ALIGN_WEIGHT[name]}"]
         m = vfmtune.train(overrides=[*common, *LORA, "data.val_fraction=0.1", "data.test_fraction=0.2", *adapt], run_dir=run_dir)["metrics"]
     if name == "oracle_448":
         m["test/macro_f1"] = None  # its test split is the target's: no source-test figure
