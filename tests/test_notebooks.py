@@ -29,7 +29,7 @@ def test_notebook__runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook__committed_without_outputs(path: Path) -> None:
-    # Outputs bloat the repository and go stale; the README's figures come from notebooks/render_figures.py.
+    # Outputs bloat the repository and go stale; the README's figures come from bench/notebook_figures.py.
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
