@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,17 @@ class _Eigen(torch.nn.Module):
 def test_export__op_onnx_cannot_express__clear_error(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="ONNX cannot express.*linalg_eigvalsh.*format=torchscript"):
         export_onnx(_Eigen(), tmp_path / "m.onnx", size=8, opset=18)
+
+
+def test_export_onnx__vit_size_asserts_stay_off_the_console(tmp_path: Path) -> None:
+    import timm
+
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=3).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(vit, tmp_path / "m.onnx", size=vit.pretrained_cfg["input_size"][-1], opset=18)
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
 
 
 @pytest.mark.parametrize(("args", "message"), [(["format=tflite"], "'tflite'.*onnx, torchscript"), (["format=torchscript", "quantize=int8"], "quantize")])
