@@ -2,6 +2,8 @@
 with teacher-labelled unlabelled images, each exported to ONNX fp32 and INT8 and timed with onnxruntime on this CPU.
 
 Run (serialised with the other benchmarks): flock /tmp/vfmtune-bench.lock python bench/distill.py
+     [--teacher-px 224] [--student-px 160] [--epochs 20] [--students effnet_lite0 mnv3_small]
+     [--losses ce kd kd_unlabeled] [--results distill]
 
 Budget-driven setup (2 shared CPU cores, about 40 minutes):
 - data: a seeded stratified textile subset of 480 images (nominal 240, local 120, global 120), split
@@ -9,10 +11,10 @@ Budget-driven setup (2 shared CPU cores, about 40 minutes):
 - unlabelled: the other 1520 textile images (none of them is in the subset, so none is a val/test image),
   passed as `data.unlabeled=CSV` to the "kd_unlabeled" runs: the teacher's soft targets are their only
   label. CE-only cannot use them; that is the comparison distillation is for.
-- teacher: packaged DINOv2 ViT-S/14, frozen, BN + linear head on cached 224 px embeddings
-  (recipes/dinov2_vits14_frozen_textile.yaml), exported and timed at 224 px.
-- students: 160 px, no augmentation (so the teacher's outputs, for the unlabelled images too, come from the
-  224 px embedding cache and KD costs no teacher forwards), EPOCHS epochs for every run, AdamW lr 1e-3
+- teacher: packaged DINOv2 ViT-S/14, frozen, BN + linear head on cached embeddings at --teacher-px
+  (recipes/dinov2_vits14_frozen_textile.yaml), exported and timed at that size.
+- students: --student-px, no augmentation (so the teacher's outputs, for the unlabelled images too, come from
+  the embedding cache and KD costs no teacher forwards), --epochs epochs for every run, AdamW lr 1e-3
   (2e-3 for the random-init one), batch 16, seed 0; CE-only is kd.alpha=0, KD is KD_ALPHA / KD_T.
   EfficientNet-Lite0 starts from ImageNet (packaged offline), MobileNetV3-Small from random init.
 - export: `vfmtune export quantize=int8` defaults (static QDQ INT8; dynamic fallback only for transformers).
@@ -22,6 +24,7 @@ Budget-driven setup (2 shared CPU cores, about 40 minutes):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import json
@@ -39,8 +42,6 @@ from common import textile_subset_manifest, write_results
 import vfmtune
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"  # pipeline check only: tiny subset, 1 epoch, results not written
-EPOCHS = 1 if QUICK else 20
-STUDENT_PX = 160
 KD_ALPHA, KD_T = 0.7, 4.0
 COMMON = ["trainer.enable_progress_bar=false", "data.num_workers=2", "seed=0"]
 STUDENT_BATCH = 16  # more optimiser steps from 336 images
@@ -124,6 +125,15 @@ def _folder(path: str):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher-px", type=int, default=224, help="the teacher's input size (224: every published run)")
+    parser.add_argument("--student-px", type=int, default=160)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
+    parser.add_argument("--results", default="distill")
+    args = parser.parse_args()
+    epochs = 1 if QUICK else args.epochs
     t_start = time.perf_counter()
     figures: dict = {}
     keep = os.environ.get("BENCH_KEEP")  # a folder to keep the runs and bundles in (e.g. for INT8 experiments)
@@ -133,19 +143,19 @@ def main() -> None:
         if QUICK:  # 60 unlabelled images are enough to check the pipeline
             unlabeled.write_text("\n".join(unlabeled.read_text().splitlines()[:61]) + "\n")
         teacher = _run_once(f"{tmp}/teacher", lambda run: vfmtune.train(
-            # 224 px, as in every published run (the recipe itself moved to 448 px later)
-            overrides=["recipes=dinov2_vits14_frozen_textile", "backbone.img_size=224", f"data.manifest={manifest}", *COMMON],
+            overrides=["recipes=dinov2_vits14_frozen_textile", f"backbone.img_size={args.teacher_px}", f"data.manifest={manifest}", *COMMON],
             run_dir=run))
         figures["teacher.torch_test_macro_f1"] = round(teacher["metrics"]["test/macro_f1"], 4)
         figures["teacher.val_macro_f1"] = round(teacher["metrics"]["val/macro_f1"], 4)
         figures.update(_entries("teacher", _export(f"{tmp}/teacher", f"{tmp}/teacher_export")))
-        for name, (alias, extra) in STUDENTS.items():
-            for loss, kd in LOSSES.items():
+        for name in args.students:
+            alias, extra = STUDENTS[name]
+            for loss in args.losses:
                 run = f"{tmp}/{name}_{loss}"
-                args = [f"teacher={tmp}/teacher", f"student={alias}", f"distill.img_size={STUDENT_PX}", "data.augment.enabled=false",
-                        f"trainer.max_epochs={EPOCHS}", "early_stopping.enabled=false", f"data.batch_size={STUDENT_BATCH}", *extra,
-                        *(o.format(unlabeled=unlabeled) for o in kd), *COMMON]
-                r = _run_once(run, lambda run, args=args: vfmtune.distill(overrides=args, run_dir=run))
+                overrides = [f"teacher={tmp}/teacher", f"student={alias}", f"distill.img_size={args.student_px}", "data.augment.enabled=false",
+                             f"trainer.max_epochs={epochs}", "early_stopping.enabled=false", f"data.batch_size={STUDENT_BATCH}", *extra,
+                             *(o.format(unlabeled=unlabeled) for o in LOSSES[loss]), *COMMON]
+                r = _run_once(run, lambda run, overrides=overrides: vfmtune.distill(overrides=overrides, run_dir=run))
                 figures[f"{name}_{loss}.train_seconds"] = r["seconds"]
                 figures[f"{name}_{loss}.torch_test_macro_f1"] = round(r["metrics"]["test/macro_f1"], 4)
                 figures[f"{name}_{loss}.val_macro_f1"] = round(r["metrics"]["val/macro_f1"], 4)
@@ -155,22 +165,23 @@ def main() -> None:
 
     t = figures
     # The best student is chosen on the validation split (ties: fewer parameters), then scored on test.
-    students = [f"{n}_{loss}" for n in STUDENTS for loss in LOSSES]
+    students = [f"{n}_{loss}" for n in args.students for loss in args.losses]
     best = max(students, key=lambda m: (t[f"{m}.val_macro_f1"], -t[f"{m}.params"]))
     figures["target.best_student"] = best
     figures["target.best_student_f1_ratio"] = round(t[f"{best}.test_macro_f1"] / t["teacher.test_macro_f1"], 3)
     figures["target.best_student_latency_ratio_b1"] = round(t[f"{best}.latency_ms_b1"] / t["teacher.latency_ms_b1"], 3)
-    for name in STUDENTS:
+    for name in args.students:
         for loss in ("kd", "kd_unlabeled"):
-            figures[f"target.{name}_{loss}_minus_ce_f1"] = round(t[f"{name}_{loss}.test_macro_f1"] - t[f"{name}_ce.test_macro_f1"], 4)
+            if "ce" in args.losses and loss in args.losses:
+                figures[f"target.{name}_{loss}_minus_ce_f1"] = round(t[f"{name}_{loss}.test_macro_f1"] - t[f"{name}_ce.test_macro_f1"], 4)
     for model in ["teacher", *students]:
         figures[f"target.{model}_int8_f1_drop_points"] = round(100 * (t[f"{model}.test_macro_f1"] - t[f"{model}_int8.test_macro_f1"]), 2)
         figures[f"target.{model}_int8_speedup_b32"] = round(t[f"{model}.latency_ms_b32"] / t[f"{model}_int8.latency_ms_b32"], 2)
     figures.update({"subset": "textile nominal 240 / local 120 / global 120, split 70/10/20 (seed 0)",
                     "unlabeled": "the other 1520 textile images (kd_unlabeled runs only)", "kd_alpha": KD_ALPHA, "kd_temperature": KD_T,
-                    "teacher_px": 224, "student_px": STUDENT_PX, "epochs": EPOCHS, "augmentation": False,
+                    "teacher_px": args.teacher_px, "student_px": args.student_px, "epochs": epochs, "augmentation": False,
                     "total_seconds": round(time.perf_counter() - t_start, 1)})
-    write_results("distill" if not QUICK else "distill_quick_check", figures)
+    write_results(args.results if not QUICK else "distill_quick_check", figures)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ _LIBRARY_NOISE = (
     r".*module\(s\) in eval mode at the start of training.*",  # frozen encoders stay in eval mode on purpose
     # gathers with non-negative indices (SAM's decoder, a routed feature norm); every export is verified against torch
     r".*Exporting aten::index operator of advanced indexing.*",
+    # the ONNX exporter's own optimisation note on strided slices (CNN students): the graph stays correct and is verified
+    r".*Constant folding - Only steps=1 can be constant folded.*",
 )
 
 
