@@ -1,11 +1,12 @@
-"""Cut-paste synthetic data for semantic segmentation of nuclei: real vs synthetic vs both, tested on real tiles.
+"""Cut-paste synthetic data for semantic segmentation (nuclei, buildings): real vs synthetic vs both, tested on real tiles.
 
-Run: python bench/sam_synth.py --data DIR [--seeds 0 1 2] [--n 200] [--segment-args ...] [--variants real synthetic both]
+Run: python bench/sam_synth.py --data DIR [--dataset nuclei] [--seeds 0 1 2] [--n 200] [--segment-args ...]
+     [--variants real synthetic both]
 
-For each split seed (`stratified_mask_split` of the 16 nuclei tiles, as every segmentation benchmark here):
+For each split seed (`stratified_mask_split` of the dataset's tiles, as every segmentation benchmark here):
 
-1. ``vfmtune synth objects=<a run of that split> n=N``: scenes made only from the training tiles' nuclei, pasted
-   onto the training tiles themselves (their own nuclei kept: copy-paste), seeded by the split seed. Validation
+1. ``vfmtune synth objects=<a run of that split> n=N``: scenes made only from the training tiles' objects, pasted
+   onto the training tiles themselves (their own objects kept: copy-paste), seeded by the split seed. Validation
    and test tiles are never cut from; training with ``data.synthetic`` would refuse them if they were.
 2. ``task=segment`` (the segmentation issue's best model, `--segment-args`) trained on
    (a) the real training tiles, (b) the synthetic scenes only (a manifest: synthetic images as train, the
@@ -36,7 +37,7 @@ def split_run(data: Path, work: Path, seed: int, segment_args: list[str]) -> Pat
 
     run = work / f"split_seed{seed}"
     if not (run / "splits.csv").is_file():
-        config = typed(load_config("task=segment", f"data.root={data / 'nuclei'}", f"data.seed={seed}", *segment_args))
+        config = typed(load_config("task=segment", f"data.root={data}", f"data.seed={seed}", *segment_args))
         get_task("segment").prepare(config, start_run(config, run, "train"))
     return run
 
@@ -59,6 +60,7 @@ def synthetic_only_manifest(synth: Path, run: Path, out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--dataset", default="nuclei", choices=["nuclei", "buildings"], help="a folder of --data (bench/seg_data.py)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_sam_synth"))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--n", type=int, default=200, help="synthetic scenes per seed")
@@ -69,15 +71,16 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {}
     for seed in args.seeds:
-        run = split_run(args.data, args.work, seed, args.segment_args)
+        data = args.data / args.dataset
+        run = split_run(data, args.work, seed, args.segment_args)
         synth = args.work / f"synth_seed{seed}"
         if not (synth / "synth.json").is_file():
             vfmtune.synth(overrides=[f"objects={run}", f"n={args.n}", f"seed={seed}", f"output={synth}"], run_dir=args.work / f"synth_run{seed}")
         info = json.loads((synth / "synth.json").read_text())
         figures[f"synth.seed{seed}.images"], figures[f"synth.seed{seed}.instances"] = info["n_images"], info["n_instances"]
         manifest = synthetic_only_manifest(synth, run, args.work / f"synthetic_only_seed{seed}.csv")
-        variants = {"real": [f"data.root={args.data / 'nuclei'}"], "synthetic": [f"data.manifest={manifest}"],
-                    "both": [f"data.root={args.data / 'nuclei'}", f"data.synthetic={synth}"]}
+        variants = {"real": [f"data.root={data}"], "synthetic": [f"data.manifest={manifest}"],
+                    "both": [f"data.root={data}", f"data.synthetic={synth}"]}
         for name, data_args in ((k, v) for k, v in variants.items() if k in args.variants):
             overrides = ["task=segment", f"data.seed={seed}", *data_args, *args.segment_args]
             out = args.work / f"{name}_seed{seed}"
@@ -96,6 +99,7 @@ def main() -> None:
                 figures[f"segment.{name}.{metric}.mean"] = round(statistics.mean(values), 4)
                 figures[f"segment.{name}.{metric}.std"] = round(statistics.pstdev(values), 4)
     figures["segment.settings"] = " ".join(args.segment_args)
+    figures["dataset"] = args.dataset
     write_results(args.results, figures)
 
 
