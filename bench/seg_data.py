@@ -496,7 +496,8 @@ def main() -> None:
             args.sheets.mkdir(parents=True, exist_ok=True)
             contact_sheet(args.out / name).save(args.sheets / f"{name}.png")
 
-    write_results("seg_data", figures)
+    # one dataset's build must not replace the all-datasets figures
+    write_results("seg_data" if args.dataset == "all" else f"seg_data_{args.dataset}", figures)
 
 
 if __name__ == "__main__":
