@@ -108,6 +108,14 @@ def test_export__torchscript_verified(distill_runs: dict[str, Path], tmp_path: P
     assert loaded(torch.randn(5, 3, 64, 64)).shape == (5, 3)
 
 
+def test_export__torchscript_of_a_vit_prints_no_tracer_warnings(distill_runs: dict[str, Path], tmp_path: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = export(overrides=[f"ckpt={distill_runs['teacher']}", "format=torchscript"], run_dir=tmp_path)
+    assert r["metrics"]["max_abs_diff"] <= 1e-4
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+
+
 class _Eigen(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = x[:, 0, :3, :3]

@@ -15,7 +15,7 @@ _LIBRARY_NOISE = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # lightning's pytree shim on new torch
     r".*is smaller than the logging interval.*",  # tiny epochs: nothing to fix, logs are per epoch anyway
     r".*does not have many workers.*",  # cached embeddings are in memory: workers would only slow them
-    r".*`torch.jit.(load|trace|save)` is deprecated.*",  # TorchScript export is what the user asked for
+    r".*`torch.jit.(load|trace|trace_method|save)` is deprecated.*",  # TorchScript export is what the user asked for
     r".*module\(s\) in eval mode at the start of training.*",  # frozen encoders stay in eval mode on purpose
     # gathers with non-negative indices (SAM's decoder, a routed feature norm); every export is verified against torch
     r".*Exporting aten::index operator of advanced indexing.*",

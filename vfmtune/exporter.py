@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -115,13 +116,20 @@ class _Images:
         return _batches(self.paths, self.transform)
 
 
+@contextlib.contextmanager
+def fixed_size_tracing() -> Iterator[None]:
+    """Trace for export without TracerWarnings: shape checks (timm's input-size asserts, TinyViT's padding, SAM's
+    scale constants) become constants for the exported size, as intended, and every export is verified against
+    torch on real images afterwards, so the warnings would only be noise in the user's console."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
 def export_onnx(module: nn.Module, path: Path, size: int, opset: int) -> None:
     """torch.onnx (TorchScript-based exporter: fast, and fine for timm CNNs/ViTs) with a dynamic batch axis."""
     try:
-        with warnings.catch_warnings():
-            # timm's input-size asserts (ViT patch embedding) become constants for the exported size: expected, and
-            # every export is verified against torch on real images afterwards.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with fixed_size_tracing():
             torch.onnx.export(module, (torch.randn(2, 3, size, size),), str(path), input_names=["image"], output_names=["logits"],
                               opset_version=opset, dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     except Exception as e:
@@ -341,7 +349,7 @@ def export_bundle(task: Task, model: nn.Module, prepared: Prepared, config: Expo
                  "preprocessing": policy, **info}
     if fmt == ExportFormat.torchscript:
         path = bundle / "model.pt"
-        with torch.inference_mode():
+        with torch.inference_mode(), fixed_size_tracing():
             traced = torch.jit.trace(module, torch.from_numpy(next(iter(xs))[:2]))
         traced.save(str(path))
         loaded = torch.jit.load(str(path)).eval()

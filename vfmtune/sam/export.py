@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from torch.nn import functional as F
 from vfmtune.choices import ConfigError
 from vfmtune.config import ExportCommand
 from vfmtune.data.images import load_image
-from vfmtune.exporter import ExportError
+from vfmtune.exporter import ExportError, fixed_size_tracing
 from vfmtune.io import write_json
 from vfmtune.sam.models import MinMaxSam
 from vfmtune.sam.predictor import SamPromptPredictor
@@ -84,9 +83,7 @@ def export_sam_onnx(sam: Sam, folder: Path, multimask: bool, opset: int = 17) ->
     embed = (sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size)
     low = int(sam.prompt_encoder.mask_input_size[0])
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # TinyViT's padding checks and the decoder's scale constants are fixed for a fixed input size: expected.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with torch.no_grad(), fixed_size_tracing():
             torch.onnx.export(_Encoder(sam), (torch.randn(1, 3, size, size),), str(folder / "encoder.onnx"), input_names=["image"],
                               output_names=["image_embeddings"], opset_version=opset, dynamo=False)
             # One prompt per run, as Meta's export: the decoder repeats the embedding per prompt with a count the
