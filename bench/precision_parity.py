@@ -32,6 +32,7 @@ def main() -> None:
     figures: dict = {"per_class": per_class, "epochs": args.epochs, "img_size": 224, "finetune": "lora r=8 attn", "seeds": args.seeds}
     with tempfile.TemporaryDirectory() as tmp:
         manifest = textile_subset_manifest(Path(tmp) / "subset.csv", per_class)
+        f1: dict[tuple[int, str], float] = {}  # test macro-F1 per (training seed, precision)
         for seed in args.seeds:
             for p in args.precisions:  # alternating precisions per seed, so load drifts hit both alike
                 overrides = [f"data.manifest={manifest}", "backbone.img_size=224", "finetune=lora", "finetune.rank=8",
@@ -43,9 +44,9 @@ def main() -> None:
                 figures.update({f"{key}.{k}": m[k] for k in ("test/macro_f1", "test/balanced_accuracy", "test/accuracy",
                                                             "val/macro_f1", "train_seconds", "precision", "trainer_precision")})
                 figures["n_test"] = sum(map(sum, m["test/confusion_matrix"]))
+                f1[seed, p] = m["test/macro_f1"]
     if {"fp32", "bf16"} <= set(args.precisions):
-        keys = [""] + [f".seed{seed}" for seed in args.seeds[1:]]
-        diffs = [100 * (figures[f"bf16{k}.test/macro_f1"] - figures[f"fp32{k}.test/macro_f1"]) for k in keys]
+        diffs = [100 * (f1[seed, "bf16"] - f1[seed, "fp32"]) for seed in args.seeds]
         figures["bf16_minus_fp32.test_macro_f1_points"] = round(diffs[0], 2)
         figures["bf16_minus_fp32.test_macro_f1_points.per_seed"] = [round(d, 2) for d in diffs]
         figures["bf16_minus_fp32.test_macro_f1_points.mean"] = round(sum(diffs) / len(diffs), 2)
