@@ -126,7 +126,7 @@ def _folder(path: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher-px", type=int, default=224, help="the teacher's input size (224: every published run)")
+    parser.add_argument("--teacher-px", type=int, default=224, help="the teacher's input size (224: runs 1-4; run 5 used 448)")
     parser.add_argument("--student-px", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
