@@ -31,6 +31,8 @@ CONFIGS: dict[str, list[str]] = {
     # the same on the last 4 blocks, concatenated
     "linear_ms_224": [*FROZEN, "segment.head=linear_ms", "backbone.img_size=224", "optim.lr=1e-2", "trainer.max_epochs=150"],
     "linear_ms_448": [*FROZEN, "segment.head=linear_ms", "backbone.img_size=448", "optim.lr=1e-2", "trainer.max_epochs=150"],
+    # ... and at 672 px (48x48 tokens; DINOv2 was pretrained up to 518 px): resolution is the frozen heads' largest lever
+    "linear_ms_672": [*FROZEN, "segment.head=linear_ms", "backbone.img_size=672", "optim.lr=1e-2", "trainer.max_epochs=150"],
     # the light decoder on the last 4 blocks
     "decoder_448": [*FROZEN, "segment.head=decoder", "backbone.img_size=448", "optim.lr=1e-3", "trainer.max_epochs=150"],
     # LoRA r=8 on attention + the light decoder, images (augmented) instead of cached tokens

@@ -2,6 +2,8 @@
 
 Run: flock /tmp/vfmtune-bench.lock python bench/strategies.py            # the CPU benchmark (~40 min, 2 cores)
      python bench/strategies.py --profile gpu [--extra ...]              # the same at full size on a CUDA GPU
+     flock /tmp/vfmtune-bench.lock python bench/strategies.py --profile textile448 lora_r8 --results strategies_textile448_lora
+                                                               # LP-FT at 448 px on the full split (--split-seed 1: another split)
 CPU profile: 1000 textile images (500 nominal / 250 local / 250 global, seeded), stratified 65/15/20 split;
 224 px input (16x16 patches: local defects are small, and at 112 px no strategy beat the frozen head);
 3 epochs, seed 0, batch 16, AdamW + cosine, the same for every strategy. Each strategy runs in its own
@@ -36,18 +38,22 @@ PROBE = "frozen_head_recipe"  # the core issue's baseline
 # channels that augmentation and fine-tuning move (first-epoch train losses of ~30 at 224 px).
 LP_PROBE = "frozen_head_raw"
 # cpu: the benchmark (fits ~40 minutes on 2 cores). gpu: the same comparison at full size, for a CUDA machine.
+# textile448: fine-tunes at 448 px on the packaged split of bench/linear_probe_textile.py (70/10/20 of all 2,000
+# images, no manifest), the probe to beat being its 0.967 (issue 14); ~15 min per LoRA epoch on 2 cores (bf16).
 PROFILES: dict[str, dict] = {
     "cpu": {"subset": {"nominal": 500, "local": 250, "global": 250}, "img_size": 224, "epochs": 3, "batch": 16,
-            "extra": ["data.num_workers=1"], "results": "strategies"},
-    "gpu": {"subset": None, "img_size": 224, "epochs": 15, "batch": 64,
+            "val_fraction": 0.15, "extra": ["data.num_workers=1"], "results": "strategies"},
+    "gpu": {"subset": None, "img_size": 224, "epochs": 15, "batch": 64, "val_fraction": 0.15,
             "extra": ["data.num_workers=8", "trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed"],
             "results": "strategies_gpu"},
+    "textile448": {"subset": None, "packaged_split": True, "img_size": 448, "epochs": 2, "batch": 16, "val_fraction": 0.1,
+                   "extra": ["data.num_workers=0"], "results": "strategies_textile448"},
 }
 
 
 def common(p: dict) -> list[str]:
     """Every run, the probe recipe included."""
-    return [f"backbone.img_size={p['img_size']}", f"seed={SEED}", "data.val_fraction=0.15", "data.test_fraction=0.2",
+    return [f"backbone.img_size={p['img_size']}", f"seed={SEED}", f"data.seed={p['split_seed']}", f"data.val_fraction={p['val_fraction']}", "data.test_fraction=0.2",
             "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", *p["extra"]]
 
 
@@ -83,11 +89,11 @@ def _size_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in files) / 2**20, 2)
 
 
-def run(name: str, overrides: list[str], manifest: Path, out: Path, profile: dict, memory_only: bool) -> dict:
+def run(name: str, overrides: list[str], manifest: Path | None, out: Path, profile: dict, memory_only: bool) -> dict:
     run_dir = out / name
     budget = [] if name in (PROBE, LP_PROBE) else same_budget(profile)
     lpft = [] if name in FROZEN else [f"finetune.head_from={out / LP_PROBE}", "head.feature_norm=false"]
-    cmd = [sys.executable, "-m", "vfmtune.cli", "train", f"data.manifest={manifest}", *common(profile), *budget, *overrides,
+    cmd = [sys.executable, "-m", "vfmtune.cli", "train", *([f"data.manifest={manifest}"] if manifest else []), *common(profile), *budget, *overrides,
            *lpft, *(MEMORY_ONLY_BUDGET if memory_only else []), f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
@@ -122,9 +128,15 @@ def main() -> None:
     parser.add_argument("--profile", choices=list(PROFILES), default="cpu")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for every run (e.g. backbone.weights=file backbone.path=...)")
     parser.add_argument("--epochs", type=int, help="override the profile's epochs")
+    parser.add_argument("--split-seed", type=int, default=0, help="data.seed: which stratified split (results get a _split<N> suffix)")
+    parser.add_argument("--results", help="results file name (default: the profile's)")
     parser.add_argument("--memory-only", action="store_true", help="every fine-tuning run stops after 4 steps")
     args = parser.parse_args()
-    p = {**PROFILES[args.profile], **({"epochs": args.epochs} if args.epochs else {})}
+    p = {**PROFILES[args.profile], **({"epochs": args.epochs} if args.epochs else {}), "split_seed": args.split_seed}
+    if args.results:
+        p["results"] = args.results
+    if args.split_seed:
+        p["results"] += f"_split{args.split_seed}"
     if args.memory_only:
         p["results"] += "_memory"
     p["extra"] = [*p["extra"], *args.extra]
@@ -133,12 +145,12 @@ def main() -> None:
         if probe not in only:
             only.insert(0, probe)
     figures: dict = {"profile": args.profile, "memory_only": args.memory_only, "resolution": p["img_size"], "subset": json.dumps(p["subset"] or "all 2000 images"),
-                     "epochs": p["epochs"], "batch": p["batch"], "seed": SEED, "extra_overrides": p["extra"]}
+                     "epochs": p["epochs"], "batch": p["batch"], "seed": SEED, "split_seed": args.split_seed, "extra_overrides": p["extra"]}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         if p["subset"]:
             figures["subset_images"] = sum(p["subset"].values())
-        manifest = textile_subset_manifest(out / "subset.csv", p["subset"] or {}, seed=SEED)
+        manifest = None if p.get("packaged_split") else textile_subset_manifest(out / "subset.csv", p["subset"] or {}, seed=SEED)
         for name in only:
             memory_only = name not in FROZEN and (args.memory_only or name in MEMORY_ONLY)
             figures.update(run(name, STRATEGIES[name], manifest, out, p, memory_only))
