@@ -31,7 +31,7 @@ CONFIGS: dict[str, list[str]] = {
     # the same on the last 4 blocks, concatenated
     "linear_ms_224": [*FROZEN, "segment.head=linear_ms", "backbone.img_size=224", "optim.lr=1e-2", "trainer.max_epochs=150"],
     "linear_ms_448": [*FROZEN, "segment.head=linear_ms", "backbone.img_size=448", "optim.lr=1e-2", "trainer.max_epochs=150"],
-    # ... and at 672 px (48x48 tokens; DINOv2 was pretrained up to 518 px): resolution is the frozen heads' largest lever
+    # ... and at 672 px (48x48 tokens; DINOv2 was pretrained up to 518 px): on buildings below 448 px (BENCHMARKS)
     "linear_ms_672": [*FROZEN, "segment.head=linear_ms", "backbone.img_size=672", "optim.lr=1e-2", "trainer.max_epochs=150"],
     # the light decoder on the last 4 blocks
     "decoder_448": [*FROZEN, "segment.head=decoder", "backbone.img_size=448", "optim.lr=1e-3", "trainer.max_epochs=150"],
