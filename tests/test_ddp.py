@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         (["finetune=progressive", "finetune.schedule={0: head, 1: blocks.4-5}", "optim.layer_decay=0.75"], 2),
         (["finetune=lora", "finetune.schedule={1: blocks.5}", "optim.layer_decay=0.75"], 2),
-        (["finetune=frozen"], 1),
+        # validating every epoch: its DDP forward re-broadcasts the head's BatchNorm buffers from rank 0 before
+        # the next epoch-start audit (each rank updates them from its own last batch until then)
+        (["finetune=frozen", "trainer.check_val_every_n_epoch=1"], 1),
         (["finetune=full", "finetune.grad_checkpointing=true"], 1),
     ],
     ids=["progressive_llrd", "lora_progressive_llrd", "frozen_cached", "full_grad_checkpointing"],

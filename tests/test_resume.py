@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import lightning as L
@@ -102,7 +103,7 @@ def test_cached_head__checkpoints_name_the_frozen_backbone_until_fit_ends_then_h
     save_file(create_backbone("timm/test_vit", weights="none", img_size=64).state_dict(), str(weights))
     images = make_imagefolder(tmp_path / "images", {"cat": 16, "dog": 16, "owl": 16})
     overrides = [*TINY, f"data.root={images}", "backbone.weights=file", f"backbone.path={weights}", "trainer.max_epochs=3",
-                 "early_stopping.enabled=false"]
+                 "early_stopping.enabled=false", "trainer.check_val_every_n_epoch=1"]  # best and last written every epoch
     whole = Snapshot()
     train(overrides=overrides, run_dir=tmp_path / "whole", callbacks=[whole])
     for name in ("best", "last"):  # finished: self-contained files, as before
@@ -175,3 +176,46 @@ def test_seg_distill_resume__equals_uninterrupted_run(seg_distill_runs: dict[str
     assert resumed.weights.keys() == whole.weights.keys() and all(k.startswith("student.") for k in whole.weights)
     for key, value in whole.weights.items():
         torch.testing.assert_close(resumed.weights[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+class Steps(Snapshot):
+    """Snapshot plus how the fit stepped: optimizer steps, the final lr and the optimization mode."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.global_step, self.automatic = trainer.global_step, pl_module.automatic_optimization
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("sampler", ["shuffle", "balanced"])
+def test_cached_head__one_step_per_epoch_trains_exactly_like_one_per_batch(tmp_path: Path, sampler: str) -> None:
+    # A whole epoch of cached batches per Lightning step (EpochBatches) must be the same optimisation as Lightning's
+    # per-batch loop: same batches and order, same optimizer steps and warm-up + cosine lr per step. The first run
+    # fills the embedding cache and the second reads it: equal weights also say a cold cache leaves training's RNG alone.
+    images = make_imagefolder(tmp_path / "images", {"cat": 20, "dog": 12, "owl": 8})
+    overrides = [*TINY, f"data.root={images}", "trainer.max_epochs=4", "early_stopping.enabled=false",
+                 "sched.warmup_epochs=1", f"data.sampler={sampler}"]
+    whole, per_batch = Steps(), Steps()
+    train(overrides=overrides, run_dir=tmp_path / "whole", callbacks=[whole])
+    # Any step limit keeps Lightning's per-batch loop (whole_epoch_steps): the reference, with the same arithmetic.
+    train(overrides=[*overrides, "trainer.max_steps=100000"], run_dir=tmp_path / "per_batch", callbacks=[per_batch])
+    assert (whole.automatic, per_batch.automatic) == (False, True)
+    assert whole.global_step == per_batch.global_step and whole.global_step % 4 == 0 and whole.global_step >= 8
+    assert whole.lr == pytest.approx(per_batch.lr, rel=1e-12)
+    head = [k for k in whole.weights if k.startswith("head.")]
+    assert head and all(torch.equal(whole.weights[k], per_batch.weights[k]) for k in head)
+
+
+@pytest.mark.parametrize(("epochs", "validated"), [(7, [4, 6]), (3, [2])])
+def test_cached_head__validation_every_5th_epoch_and_the_final_one(tmp_path: Path, epochs: int, validated: list[int]) -> None:
+    # finetune=frozen validates every 5th epoch and the final one (ValidateFinalEpoch), so a run shorter than the
+    # cadence still has a best checkpoint; last.ckpt is the final epoch.
+    images = make_imagefolder(tmp_path / "images", {"cat": 12, "dog": 12})
+    run = train(overrides=[*TINY, f"data.root={images}", "finetune=frozen", f"trainer.max_epochs={epochs}"], run_dir=tmp_path / "run")
+    with open(tmp_path / "run" / "logs" / "metrics.csv") as f:
+        # (fit's final validate of the best weights logs one more row, at epoch `epochs`)
+        assert sorted({int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/macro_f1") and int(r["epoch"]) < epochs}) == validated
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == epochs - 1
+    assert run["best_checkpoint"] == str(checkpoints / "best.ckpt")
+    assert torch.load(checkpoints / "best.ckpt", weights_only=True)["epoch"] in validated

@@ -8,7 +8,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
@@ -24,6 +26,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
             fault_point(f"checkpoint_write_{Path(path).stem}")
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt`, rewritten at the end of every `every`-th training epoch and of the run's final one, whatever
+    the validation cadence (Lightning's own save_last only follows improvements of the monitored metric, which
+    would resume runs from a stale epoch, and its epoch-end saves wait for validation epochs)."""
+
+    def __init__(self, dirpath: str | os.PathLike, every: int = 1) -> None:
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
+                         save_on_train_epoch_end=True)
+        self.every = every
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every == 0 or epoch == trainer.max_epochs or trainer.should_stop:
+            super().on_train_epoch_end(trainer, pl_module)
 
 
 def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:

@@ -88,7 +88,8 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: SchedConfig, module: L
     """
     if cfg.name == SchedName.none and not groups_join:
         return optimizer
-    total = max(int(module.trainer.estimated_stepping_batches), 1)
+    # A head on cached embeddings takes a whole epoch of optimizer steps per Lightning step (`EpochBatches`).
+    total = max(int(module.trainer.estimated_stepping_batches), 1) * getattr(module.trainer.train_dataloader, "steps_per_item", 1)
     per_epoch = max(total // max(module.trainer.max_epochs or 1, 1), 1)
     if cfg.name == SchedName.none:
         # Constant lrs; groups that progressive unfreezing adds still warm up from their join step.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -46,6 +47,35 @@ def _as_is(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return batch
 
 
+class EpochBatches:
+    """A training loader whose one item per epoch is the list of `loader`'s batches (same sampler, shuffle and
+    drop_last): a head on cached embeddings runs the whole epoch in one Lightning step, because Lightning's
+    per-batch machinery (~1.4 ms a batch) cost several times the arithmetic of a linear head's step."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    @property
+    def steps_per_item(self) -> int:
+        """Optimizer steps in one item (one epoch): what the lr schedules count."""
+        return len(self.loader)
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        yield list(self.loader)
+
+
+def whole_epoch_steps(trainer: L.Trainer | None) -> bool:
+    """Whether one Lightning step per epoch does the same arithmetic as one per batch: one process holds all the
+    data and no Trainer setting acts between batches (clipping, accumulation, step or batch limits, mid-epoch
+    validation)."""
+    return (trainer is not None and trainer.world_size == 1 and not trainer.gradient_clip_val
+            and trainer.accumulate_grad_batches == 1 and trainer.max_steps == -1 and trainer.limit_train_batches == 1.0
+            and trainer.val_check_interval == 1.0 and not trainer.overfit_batches)
+
+
 class SplitData(L.LightningDataModule):
     """Holds ready-made datasets per split; scanning and splitting happen before (`vfmtune.data.prepare`).
 
@@ -57,6 +87,8 @@ class SplitData(L.LightningDataModule):
         num_workers: loader worker processes (0 for in-memory embeddings).
         train_sampler: optional sampler for the training split (e.g. class-balanced); a builder returns its own.
         eval_batch_size: for val / test / predict when it must differ (1: images of different sizes).
+        whole_epochs: training batches are cached features and the module optimises a whole epoch per step
+            (`EpochBatches`) when `whole_epoch_steps` allows it.
 
     A "target" dataset (unlabelled images of another domain) is cycled next to the training split:
     training batches are then `{"source": (x, y), "target": (x_t, _)}`.
@@ -69,6 +101,7 @@ class SplitData(L.LightningDataModule):
         num_workers: int = 0,
         train_sampler: Sampler | None = None,
         eval_batch_size: int | None = None,
+        whole_epochs: bool = False,
     ) -> None:
         super().__init__()
         self.build = None if isinstance(datasets, dict) else datasets
@@ -77,6 +110,7 @@ class SplitData(L.LightningDataModule):
         self.num_workers = num_workers
         self.train_sampler = train_sampler
         self.eval_batch_size = eval_batch_size
+        self.whole_epochs = whole_epochs
         self.setup_seconds = 0.0
 
     @override
@@ -86,7 +120,10 @@ class SplitData(L.LightningDataModule):
             shard = Shard() if trainer is None else Shard(trainer.global_rank, trainer.world_size,
                                                           lambda: trainer.strategy.barrier("vfmtune-datasets"))
             t0 = time.perf_counter()
-            self.datasets, self.train_sampler = self.build(shard)
+            # The cache pass draws from torch's RNG (its loaders' seeds) only when the cache is cold: restoring the
+            # RNG keeps training's shuffles, and so its result, the same whether the embeddings were cached or not.
+            with torch.random.fork_rng(devices=[]):
+                self.datasets, self.train_sampler = self.build(shard)
             self.setup_seconds = time.perf_counter() - t0  # the cache pass, when there is one: not training time
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
@@ -104,10 +141,11 @@ class SplitData(L.LightningDataModule):
             drop_last=train and len(dataset) > self.batch_size,
         )
 
-    def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
+    def train_dataloader(self) -> DataLoader | EpochBatches | dict[str, DataLoader]:
         if "target" in self.datasets:  # Lightning cycles the shorter loader ("max_size_cycle")
             return {"source": self._loader("train", train=True), "target": self._loader("target", train=True)}
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        return EpochBatches(loader) if self.whole_epochs and whole_epoch_steps(self.trainer) else loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -38,6 +38,16 @@ class AdaptedModule(TaskModule):
 
     @override
     def train(self, mode: bool = True) -> AdaptedModule:
+        if mode and self.cached_input:
+            # Training on cached features: the frozen backbone never runs and stays in eval mode. Skipping its
+            # hundreds of modules keeps the per-epoch cost of a linear head's fit down.
+            self.training = True
+            for child in self.children():
+                if child is not self.backbone:
+                    child.train()
+            if self.backbone.training:
+                self.backbone.eval()
+            return self
         super().train(mode)
         # A frozen backbone stays in eval mode: dropout / drop-path / BN statistics must not change
         # features that are meant to be fixed (and that the embedding cache assumes are).

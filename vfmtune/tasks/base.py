@@ -32,15 +32,16 @@ class Setup:
     """What `vfmtune.fit` trains: the module, its data, the task's own callbacks and figures for the report.
     `fp32_training` says why this fit trains in fp32 whatever `precision` asks (None: training follows the
     run's precision): a head on cached embeddings has no backbone forward to speed up, and a CNN student
-    trains slower under bf16 autocast on a CPU. `one_thread` trains on one intra-op thread
-    (`vfmtune.device.OneThread`: ops too small to split)."""
+    trains slower under bf16 autocast on a CPU. `tiny_head`: the fit trains a small head on cached features, so
+    an epoch costs milliseconds: it runs on one intra-op thread (`vfmtune.device.OneThread`: ops too small to
+    split) and writes `last.ckpt` on validation epochs only (the file's fsyncs cost more than the epoch)."""
 
     model: TaskModule
     data: L.LightningDataModule
     callbacks: list[L.Callback] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
     fp32_training: Fp32Training | None = None
-    one_thread: bool = False
+    tiny_head: bool = False
 
 
 @dataclass(frozen=True)

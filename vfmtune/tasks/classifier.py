@@ -14,6 +14,7 @@ from vfmtune.adapt.domain import DomainClassifier, coral_loss
 from vfmtune.choices import AdaptMethod, HeadType
 from vfmtune.compose import to_container, typed
 from vfmtune.config import Config, HeadConfig
+from vfmtune.data.datamodule import whole_epoch_steps
 from vfmtune.losses import build_loss
 from vfmtune.metrics import ClassMetrics
 from vfmtune.tasks.adapted import AdaptedModule
@@ -80,13 +81,47 @@ class Classifier(AdaptedModule):
         return self.head(inputs) if self.embeddings_input else self(inputs)
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if isinstance(batch, dict):  # source batch + unlabelled target batch: feature alignment
             return self._aligned_step(batch)
+        if self.whole_epochs:
+            return self._epoch_step(batch)
         x, y = batch
         loss = self.loss_fn(self.logits(x), y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
+
+    @property
+    def whole_epochs(self) -> bool:
+        """True when each training step gets a whole epoch of cached-embedding batches (`EpochBatches`)."""
+        return self.embeddings_input and whole_epoch_steps(self._trainer)
+
+    @property
+    @override
+    def automatic_optimization(self) -> bool:
+        return not self.whole_epochs
+
+    def _epoch_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One epoch of cached-embedding batches: per batch, the forward, zero_grad, backward, optimizer step and
+        per-step lr update that automatic optimization would run, in the same order; per-epoch schedules step
+        after the last batch. The epoch's mean loss is logged as `train/loss` like the per-batch path's."""
+        optimizer = self.optimizers()
+        schedules = self.trainer.lr_scheduler_configs
+        total, count = torch.zeros(()), 0
+        for x, y in batches:
+            loss = self.loss_fn(self.logits(x), y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            for s in schedules:
+                if s.interval == "step":
+                    s.scheduler.step()
+            total += loss.detach() * len(y)
+            count += len(y)
+        for s in schedules:
+            if s.interval == "epoch":
+                s.scheduler.step()
+        self.log("train/loss", total / max(count, 1), on_step=True, on_epoch=True, prog_bar=True, batch_size=count)
 
     def _aligned_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """Task loss on the source batch + `adapt.weight` x CORAL or DANN loss between both batches' features."""

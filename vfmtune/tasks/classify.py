@@ -154,9 +154,10 @@ class ClassifyTask(Task):
             train_labels = datasets["train"].tensors[1].tolist() if cached else prepared.labels("train")
             return datasets, build_sampler(config.data.sampler, train_labels, config.seed)
 
-        data = SplitData(build, batch_size=config.data.batch_size, num_workers=0 if cached else config.data.num_workers)
+        data = SplitData(build, batch_size=config.data.batch_size, num_workers=0 if cached else config.data.num_workers,
+                         whole_epochs=cached)
         return Setup(model, data, callbacks=[unfreezing] if unfreezing else [], fp32_training=CACHED_HEAD if cached else None,
-                     one_thread=cached)  # a BatchNorm + linear head: ~10x faster unsplit (BENCHMARKS.md)
+                     tiny_head=cached)  # a BatchNorm + linear head: ~10x faster unsplit (BENCHMARKS.md)
 
     def after_fit(self, model: TaskModule, out: Path, prepared: Prepared) -> dict[str, Any]:
         if model.config.finetune.mode != FinetuneMode.lora:
