@@ -107,7 +107,7 @@ class Classifier(AdaptedModule):
         after the last batch. The epoch's mean loss is logged as `train/loss` like the per-batch path's."""
         optimizer = self.optimizers()
         schedules = self.trainer.lr_scheduler_configs
-        total, count = torch.zeros(()), 0
+        total, count = torch.zeros((), device=self.device), 0
         for x, y in batches:
             loss = self.loss_fn(self.logits(x), y)
             optimizer.zero_grad()
