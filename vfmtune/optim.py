@@ -75,6 +75,16 @@ def build_optimizer(groups: Sequence[dict[str, Any]], cfg: OptimConfig) -> torch
     return create_optimizer_v2(groups, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
 
 
+def optimizer_steps(trainer: L.Trainer) -> int:
+    """The run's length in optimizer steps: Lightning's estimate in batches, times the steps in each batch when a
+    batch is a whole epoch of cached embeddings (`vfmtune.data.datamodule.EpochBatches`)."""
+    return max(int(trainer.estimated_stepping_batches), 1) * getattr(trainer.train_dataloader, "steps_per_item", 1)
+
+
+def optimizer_steps_per_epoch(trainer: L.Trainer) -> int:
+    return max(optimizer_steps(trainer) // max(trainer.max_epochs or 1, 1), 1)
+
+
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: SchedConfig, module: L.LightningModule,
                    groups_join: bool = False) -> dict[str, Any] | torch.optim.Optimizer:
     """What `configure_optimizers` returns for `sched.name`.
@@ -88,9 +98,7 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: SchedConfig, module: L
     """
     if cfg.name == SchedName.none and not groups_join:
         return optimizer
-    # A head on cached embeddings takes a whole epoch of optimizer steps per Lightning step (`EpochBatches`).
-    total = max(int(module.trainer.estimated_stepping_batches), 1) * getattr(module.trainer.train_dataloader, "steps_per_item", 1)
-    per_epoch = max(total // max(module.trainer.max_epochs or 1, 1), 1)
+    total, per_epoch = optimizer_steps(module.trainer), optimizer_steps_per_epoch(module.trainer)
     if cfg.name == SchedName.none:
         # Constant lrs; groups that progressive unfreezing adds still warm up from their join step.
         sched: Any = GroupCosineLR(optimizer, 0, 1, 1.0, flat=True)

@@ -23,6 +23,7 @@ from vfmtune.adapt.freeze import named_groups, param_table
 from vfmtune.backbones import timm_model
 from vfmtune.choices import ConfigError, SchedName
 from vfmtune.config import Config, FinetuneConfig
+from vfmtune.optim import optimizer_steps_per_epoch
 
 _RANGE = re.compile(r"^(\w+)\.(\d+)-(\d+)$")
 
@@ -158,7 +159,7 @@ class ProgressiveUnfreezing(BaseFinetuning):
         for p in new:
             p.requires_grad_(True)
         trainer = pl_module.trainer
-        per_epoch = max(int(trainer.estimated_stepping_batches) // max(trainer.max_epochs or 1, 1), 1)
+        per_epoch = optimizer_steps_per_epoch(trainer)
         for g in pl_module.backbone_param_groups(only=new):
             # GroupCosineLR reads these keys: each group ramps up from the step it joined.
             g.update(peak_lr=g["lr"], join_step=trainer.global_step, warmup_steps=int(self.warmup_epochs * per_epoch))

@@ -17,6 +17,7 @@ from vfmtune.config import Config, HeadConfig
 from vfmtune.data.datamodule import whole_epoch_steps
 from vfmtune.losses import build_loss
 from vfmtune.metrics import ClassMetrics
+from vfmtune.optim import optimizer_steps
 from vfmtune.tasks.adapted import AdaptedModule
 
 
@@ -130,7 +131,7 @@ class Classifier(AdaptedModule):
         fs, ft = features[: len(x)], features[len(x) :]
         task = self.loss_fn(self.head(fs), y)
         if self.domain is not None:
-            self.domain.progress = self.global_step / max(int(self.trainer.estimated_stepping_batches), 1)
+            self.domain.progress = self.global_step / optimizer_steps(self.trainer)
             align = self.domain.loss(fs, ft)
         else:
             align = coral_loss(fs, ft)
