@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from conftest import TINY, make_imagefolder
 from vfmtune.backbones import create_backbone
 from vfmtune.choices import ConfigError, Precision
 from vfmtune.compose import typed
+from vfmtune.device import NVML_CHECK, drop_unusable_nvml_check
 from vfmtune.embedding_cache import EmbeddingCache, embed_images
 from vfmtune.precision import CACHED_HEAD, STUDENT_ON_CPU, Resolved, choose_precision, resolve_precision, trainer_precision
 
@@ -122,3 +125,19 @@ def test_cli__precision_bf16_on_cpu_trains_and_is_recorded(tmp_path: Path, finet
     # The checkpoint holds fp32 weights whatever the autocast precision (mixed precision keeps fp32 masters).
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+
+
+
+def test_nvml_cuda_check__dropped_only_where_nvml_cannot_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    answer = torch.cuda.is_available()
+    monkeypatch.setenv(NVML_CHECK, "1")  # what `import lightning` sets
+    assert drop_unusable_nvml_check("libvfmtune-no-such-nvml.so.1")
+    assert NVML_CHECK not in os.environ
+    assert torch.cuda.is_available() == answer  # the same answer, without the failing NVML probe per call
+
+    loadable = ctypes.util.find_library("c")  # stands in for an NVML that loads: the fork-safe check stays
+    monkeypatch.setenv(NVML_CHECK, "1")
+    assert not drop_unusable_nvml_check(loadable)
+    assert os.environ[NVML_CHECK] == "1"
+    monkeypatch.delenv(NVML_CHECK)
+    assert not drop_unusable_nvml_check("libvfmtune-no-such-nvml.so.1")  # not set: nothing to undo

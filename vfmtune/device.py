@@ -3,6 +3,8 @@ share of it in a multi-process run, and the threads a head on cached embeddings 
 
 from __future__ import annotations
 
+import ctypes
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +21,26 @@ def compute_device(cfg: Config) -> torch.device:
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     use_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and cfg.trainer.get("devices") != 0
     return torch.device("cuda") if use_gpu else torch.device("cpu")
+
+
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def drop_unusable_nvml_check(library: str = "libnvidia-ml.so.1") -> bool:
+    """Unset `PYTORCH_NVML_BASED_CUDA_CHECK` (set by `import lightning`) where NVML cannot be loaded; True if unset.
+
+    With it set, `torch.cuda.is_available()` asks NVML first, and where NVML is missing (no NVIDIA driver:
+    this CPU machine, or Windows, where torch looks for the same .so name) it retries the failing dlopen on
+    every call and then runs the plain CUDA check anyway. Every optimizer step calls it (its graph-capture
+    check): ~90 us a step, 11 % of a cached head's fit (py-spy, BENCHMARKS.md). Unsetting changes no answer."""
+    if os.environ.get(NVML_CHECK) != "1":
+        return False
+    try:
+        ctypes.CDLL(library)  # the library torch opens (torch.cuda._raw_device_count_nvml)
+    except OSError:
+        del os.environ[NVML_CHECK]
+        return True
+    return False
 
 
 @dataclass(frozen=True)

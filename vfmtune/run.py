@@ -16,6 +16,7 @@ from vfmtune.choices import LoggerName
 from vfmtune.compose import check_kwargs, load_config, to_container, typed
 from vfmtune.config import Config
 from vfmtune.console import quiet_libraries
+from vfmtune.device import drop_unusable_nvml_check
 from vfmtune.io import write_text
 from vfmtune.memory import lean_host_memory
 
@@ -58,6 +59,7 @@ def with_overrides(trained: Config, overrides: Sequence[str], section: str, sche
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list, **extra: Any) -> L.Trainer:
     """`lightning.Trainer` from `cfg.trainer` (validated against its signature), our logger and atomic checkpoint IO."""
     quiet_libraries()
+    drop_unusable_nvml_check()
     kwargs = {k: v for k, v in {**cfg.trainer, **extra}.items() if v is not None}
     check_kwargs(L.Trainer.__init__, kwargs, "trainer")
     logger: Any = False
