@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
-from vfmtune.checkpoint import load_checkpoint, resolve_checkpoint
+from vfmtune.checkpoint import LastCheckpoint, load_checkpoint, resolve_checkpoint
 from vfmtune.io import torch_save as atomic_torch_save
 
 
@@ -55,3 +56,28 @@ def test_resolve_checkpoint__run_dir_and_errors(tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()
     atomic_torch_save({}, tmp_path / "checkpoints" / "last.ckpt")
     assert resolve_checkpoint(tmp_path).name == "last.ckpt"
+
+
+class RecordedLast(LastCheckpoint):
+    """LastCheckpoint that records the epochs it wrote."""
+
+    def __init__(self, dirpath: Path, min_seconds: float) -> None:
+        super().__init__(dirpath, min_seconds)
+        self.epochs: list[int] = []
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self.epochs.append(trainer.current_epoch)
+
+
+@pytest.mark.parametrize(("min_seconds", "written"), [(0.0, [0, 1, 2, 3]), (1e9, [0, 3])])
+def test_last_checkpoint__first_final_and_every_epoch_min_seconds_after_the_previous(tmp_path: Path, min_seconds: float,
+                                                                                      written: list[int]) -> None:
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    last = RecordedLast(tmp_path, min_seconds)
+    trainer = L.Trainer(max_epochs=4, limit_train_batches=2, limit_val_batches=0, callbacks=[last], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=True)
+    trainer.fit(BoringModel())
+    assert last.epochs == written
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 3

@@ -4,6 +4,7 @@ frozen module by digest while a head trains on cached embeddings."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,20 +30,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """`last.ckpt`, rewritten at the end of every `every`-th training epoch and of the run's final one, whatever
-    the validation cadence (Lightning's own save_last only follows improvements of the monitored metric, which
-    would resume runs from a stale epoch, and its epoch-end saves wait for validation epochs)."""
+    """`last.ckpt`, rewritten at the end of the first and the final training epoch and of every epoch that ends
+    `min_seconds` or more after the previous write, whatever the validation cadence (Lightning's own save_last
+    only follows improvements of the monitored metric, which would resume runs from a stale epoch, and its
+    epoch-end saves wait for validation epochs). `min_seconds=0`: every epoch."""
 
-    def __init__(self, dirpath: str | os.PathLike, every: int = 1) -> None:
+    def __init__(self, dirpath: str | os.PathLike, min_seconds: float = 0.0) -> None:
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
                          save_on_train_epoch_end=True)
-        self.every = every
+        self.min_seconds = min_seconds
+        self.written_at: float | None = None
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        if epoch % self.every == 0 or epoch == trainer.max_epochs or trainer.should_stop:
+        now = time.monotonic()
+        due = self.written_at is None or now - self.written_at >= self.min_seconds
+        if due or trainer.current_epoch + 1 == trainer.max_epochs or trainer.should_stop:
             super().on_train_epoch_end(trainer, pl_module)
+            self.written_at = now
 
 
 def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:

@@ -38,13 +38,13 @@ class AdaptedModule(TaskModule):
 
     @override
     def train(self, mode: bool = True) -> AdaptedModule:
-        if mode and self.cached_input:
+        if self.cached_input:
             # Training on cached features: the frozen backbone never runs and stays in eval mode. Skipping its
-            # hundreds of modules keeps the per-epoch cost of a linear head's fit down.
-            self.training = True
+            # hundreds of modules, here and in eval() before each validation, keeps a linear head's epochs cheap.
+            self.training = mode
             for child in self.children():
                 if child is not self.backbone:
-                    child.train()
+                    child.train(mode)
             if self.backbone.training:
                 self.backbone.eval()
             return self
@@ -63,6 +63,14 @@ class AdaptedModule(TaskModule):
             for m in self.feature_norms():
                 m.eval()
         return self
+
+    @override
+    def on_validation_model_zero_grad(self) -> None:
+        if not self.cached_input:
+            return super().on_validation_model_zero_grad()
+        for child in self.children():  # the frozen backbone holds no gradients: not its hundreds of parameters
+            if child is not self.backbone:
+                child.zero_grad()
 
     @property
     def cached_input(self) -> bool:
