@@ -1,11 +1,12 @@
 """Head training on cached embeddings, like for like: an older revision of vfmtune vs today's, same cache and recipe.
 
-Run: python bench/cached_head.py [--old-rev dc46e6f] [--rounds 3]
+Run: python bench/cached_head.py [--old-rev dc46e6f] [--rounds 3] [--also-rev REV]
 `vfmtune train recipes=dinov2_vits14_frozen_textile` (the 448 px linear probe: 1,400 cached training
 embeddings, a BatchNorm + linear head, 300 epochs) runs in turns, in fresh processes:
   old        the revision --old-rev (default: dc46e6f, before the cached-head work), from a git worktree
   every_1    today's code, validating every epoch (`trainer.check_val_every_n_epoch=1`, the old cadence)
   default    today's code with the frozen preset's own settings
+  at_REV     with --also-rev: the revision REV with its own defaults (e.g. the previous measurement's code)
 Each run's fit time is its metrics.json `train_seconds` + `data_setup_seconds` (reading the cache: older
 revisions counted it as training); the speed-up is old / default per round, median over rounds, so slow drifts
 of the machine's load cancel out. Test macro-F1 (400 images) of every run is kept: the speed-up counts only at
@@ -42,7 +43,7 @@ def worktree(rev: str) -> Path:
 def run(arm: str, code: Path, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code)}  # the old revision's package shadows the installed one
     cmd = [sys.executable, "-m", "vfmtune.cli", "train", RECIPE, f"hydra.run.dir={out}", "trainer.enable_progress_bar=false",
-           *ARMS[arm]]
+           *ARMS.get(arm, [])]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -59,22 +60,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old-rev", default="dc46e6f")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--also-rev", help="a further arm: this revision with its own defaults")
     args = parser.parse_args()
     old = worktree(args.old_rev)
-    check = subprocess.run([sys.executable, "-c", "import vfmtune; print(vfmtune.__file__)"], cwd=old,
-                           env={**os.environ, "PYTHONPATH": str(old)}, capture_output=True, text=True, check=True)
-    assert check.stdout.startswith(str(old)), f"the old revision is not the one imported: {check.stdout}"
-    runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    code = {"old": old, "every_1": ROOT, "default": ROOT}
+    if args.also_rev:
+        code[f"at_{args.also_rev}"] = worktree(args.also_rev)
+    for path in {p for p in code.values() if p != ROOT}:
+        check = subprocess.run([sys.executable, "-c", "import vfmtune; print(vfmtune.__file__)"], cwd=path,
+                               env={**os.environ, "PYTHONPATH": str(path)}, capture_output=True, text=True, check=True)
+        assert check.stdout.startswith(str(path)), f"{path}: another revision is imported: {check.stdout}"
+    runs: dict[str, list[dict]] = {arm: [] for arm in code}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for arm in ARMS:
-                runs[arm].append(run(arm, old if arm == "old" else ROOT, Path(tmp) / f"{arm}_{r}"))
-    figures: dict = {"old_rev": args.old_rev, "rounds": args.rounds, "recipe": RECIPE, "test_images": 400, "train_images": 1400}
+            for arm, path in code.items():
+                runs[arm].append(run(arm, path, Path(tmp) / f"{arm}_{r}"))
+    figures: dict = {"old_rev": args.old_rev, "also_rev": args.also_rev, "rounds": args.rounds, "recipe": RECIPE,
+                     "test_images": 400, "train_images": 1400}
     for arm, rs in runs.items():
         for key in rs[0]:
             figures[f"{arm}.{key}"] = [x[key] for x in rs]
         figures[f"{arm}.fit_seconds.median"] = statistics.median(x["fit_seconds"] for x in rs)
-    for arm in ("every_1", "default"):
+    for arm in (a for a in code if a != "old"):
         figures[f"speedup.{arm}"] = round(statistics.median(o["fit_seconds"] / n["fit_seconds"]
                                                             for o, n in zip(runs["old"], runs[arm])), 2)
     write_results("cached_head", figures)
