@@ -9,15 +9,15 @@ them as ``nuclei_full`` from the same pinned stardist wheel. Parts (results merg
 - ``zeroshot``: MobileSAM vs LiteMedSAM with ground-truth boxes (one prompt per instance) on the quokka (IoU
   vs its polygon), the 16 nuclei tiles and the full nuclei image: mean instance IoU, Dice, mask AP; the
   single-mask output (``sam.multimask=false``) vs the best of three by predicted IoU; fp32 vs bf16 autocast.
-- ``finetune``: on nuclei tiles split by ``stratified_mask_split`` (data.seed = 0, 1, 2; 10 train / 3 val /
-  3 test tiles, the splits every segmentation benchmark here uses), test-tile metrics of zero-shot MobileSAM,
+- ``finetune``: on nuclei tiles split by ``stratified_mask_split`` (data.seed = 0, 1, 2; 8 train / 4 val /
+  4 test tiles, the splits every segmentation benchmark here uses), test-tile metrics of zero-shot MobileSAM,
   its decoder + prompt encoder fine-tuned on cached embeddings (finetune=frozen), and + LoRA on the encoder.
 - ``speed``: auto-mask masks/s at 1, 10 and 50 boxes per image (embedding computed once and reused, and
   end to end); encoder latency of MobileSAM, LiteMedSAM and DINOv2-S; the ONNX bundle's box -> mask latency
   and its agreement with torch.
 
 Every training and evaluation goes through vfmtune's own API (`vfmtune.train`, the task's evaluation), so
-the figures are what a user gets. With 3 test tiles (~30 nuclei) per seed, one nucleus moves the mean
+the figures are what a user gets. With 4 test tiles (~30 nuclei) per seed, one nucleus moves the mean
 instance IoU by ~0.3 points: read differences below ~2 points as noise.
 """
 
