@@ -127,7 +127,6 @@ def test_cli__precision_bf16_on_cpu_trains_and_is_recorded(tmp_path: Path, finet
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
 
 
-
 def test_nvml_cuda_check__dropped_only_where_nvml_cannot_load(monkeypatch: pytest.MonkeyPatch) -> None:
     answer = torch.cuda.is_available()
     monkeypatch.setenv(NVML_CHECK, "1")  # what `import lightning` sets
