@@ -42,9 +42,8 @@ class AdaptedModule(TaskModule):
             # Training on cached features: the frozen backbone never runs and stays in eval mode. Skipping its
             # hundreds of modules, here and in eval() before each validation, keeps a linear head's epochs cheap.
             self.training = mode
-            for child in self.children():
-                if child is not self.backbone:
-                    child.train(mode)
+            for child in self._around_backbone():
+                child.train(mode)
             if self.backbone.training:
                 self.backbone.eval()
             return self
@@ -68,9 +67,12 @@ class AdaptedModule(TaskModule):
     def on_validation_model_zero_grad(self) -> None:
         if not self.cached_input:
             return super().on_validation_model_zero_grad()
-        for child in self.children():  # the frozen backbone holds no gradients: not its hundreds of parameters
-            if child is not self.backbone:
-                child.zero_grad()
+        for child in self._around_backbone():  # the frozen backbone holds no gradients: not its hundreds of parameters
+            child.zero_grad()
+
+    def _around_backbone(self) -> list[nn.Module]:
+        """The child modules other than the backbone (the head, and what a task adds beside it)."""
+        return [child for child in self.children() if child is not self.backbone]
 
     @property
     def cached_input(self) -> bool:

@@ -34,7 +34,7 @@ class Setup:
     run's precision): a head on cached embeddings has no backbone forward to speed up, and a CNN student
     trains slower under bf16 autocast on a CPU. `tiny_head`: the fit trains a small head on cached features, so
     an epoch costs milliseconds: it runs on one intra-op thread (`vfmtune.device.OneThread`: ops too small to
-    split) and writes `last.ckpt` on validation epochs only (the file's fsyncs cost more than the epoch)."""
+    split) and writes `last.ckpt` at most every 10 s (the file's fsyncs cost more than the epoch)."""
 
     model: TaskModule
     data: L.LightningDataModule
