@@ -1,7 +1,7 @@
 """Cut-paste synthetic data for semantic segmentation (nuclei, buildings): real vs synthetic vs both, tested on real tiles.
 
 Run: python bench/sam_synth.py --data DIR [--dataset nuclei] [--seeds 0 1 2] [--n 200] [--segment-args ...]
-     [--variants real synthetic both]
+     [--variants real synthetic both] [--synth-args synth.objects_per_image=[1,3] ...]
 
 For each split seed (`stratified_mask_split` of the dataset's tiles, as every segmentation benchmark here):
 
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--n", type=int, default=200, help="synthetic scenes per seed")
     parser.add_argument("--segment-args", nargs="*", default=[], help="the segmentation task's best settings")
+    parser.add_argument("--synth-args", nargs="*", default=[], help="`vfmtune synth` settings (synth.*); scenes are reused per --work")
     parser.add_argument("--variants", nargs="+", default=["real", "synthetic", "both"], choices=["real", "synthetic", "both"])
     parser.add_argument("--results", default="sam_synth")
     args = parser.parse_args()
@@ -75,7 +76,7 @@ def main() -> None:
         run = split_run(data, args.work, seed, args.segment_args)
         synth = args.work / f"synth_seed{seed}"
         if not (synth / "synth.json").is_file():
-            vfmtune.synth(overrides=[f"objects={run}", f"n={args.n}", f"seed={seed}", f"output={synth}"], run_dir=args.work / f"synth_run{seed}")
+            vfmtune.synth(overrides=[f"objects={run}", f"n={args.n}", f"seed={seed}", f"output={synth}", *args.synth_args], run_dir=args.work / f"synth_run{seed}")
         info = json.loads((synth / "synth.json").read_text())
         figures[f"synth.seed{seed}.images"], figures[f"synth.seed{seed}.instances"] = info["n_images"], info["n_instances"]
         manifest = synthetic_only_manifest(synth, run, args.work / f"synthetic_only_seed{seed}.csv")
@@ -99,6 +100,7 @@ def main() -> None:
                 figures[f"segment.{name}.{metric}.mean"] = round(statistics.mean(values), 4)
                 figures[f"segment.{name}.{metric}.std"] = round(statistics.pstdev(values), 4)
     figures["segment.settings"] = " ".join(args.segment_args)
+    figures["synth.settings"] = " ".join(args.synth_args)
     figures["dataset"] = args.dataset
     write_results(args.results, figures)
 

@@ -17,7 +17,7 @@ from vfmtune.choices import SegHead, SegLoss
 from vfmtune.cli import main
 from vfmtune.metrics import MaskMetrics
 from vfmtune.seg_losses import SegmentationLoss, soft_dice
-from vfmtune.tasks.seg_heads import LightDecoder, LinearHead, build_seg_head
+from vfmtune.tasks.seg_heads import LightDecoder, LinearHead, SkipDecoder, build_seg_head
 from vfmtune.tiling import sliding_window
 from vfmtune.windows import blend_weights, window_starts
 
@@ -131,6 +131,23 @@ def test_heads__shapes() -> None:
     assert isinstance(build_seg_head(SegHead.linear, 256, 3), LinearHead)
     decoder = build_seg_head(SegHead.decoder, 256, 3, decoder_dim=32)
     assert isinstance(decoder, LightDecoder) and decoder(x).shape == (2, 3, 16, 16)  # x4: two x2 upsampling steps
+    skip = build_seg_head(SegHead.decoder_skip, 256, 3, decoder_dim=32)
+    assert isinstance(skip, SkipDecoder) and skip(x, torch.randn(2, 3, 56, 56)).shape == (2, 3, 28, 28)  # half the image
+
+
+def test_decoder_skip__trains_on_images_and_exports(seg_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import onnxruntime as ort
+
+    main(["train", *SEG, "trainer.max_epochs=3", "segment.head=decoder_skip", f"data.root={seg_run['data']}", f"hydra.run.dir={tmp_path / 'run'}"])
+    out = capsys.readouterr().out
+    assert "reads the images too" in out and "patch tokens ready" not in out  # a frozen backbone, but no token cache
+    assert 0.0 <= json.loads((tmp_path / "run" / "metrics.json").read_text())["test/miou"] <= 1.0
+    main(["export", f"ckpt={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'export'}"])
+    bundle = tmp_path / "export" / "bundle"
+    info = json.loads((bundle / "bundle.json").read_text())
+    assert info["export_metrics"]["max_abs_diff_probs"] <= 1e-4 and info["export_metrics"]["pixel_agreement"] == 1.0
+    session = ort.InferenceSession(str(bundle / info["fp32_model"]))
+    assert session.run(None, {"image": np.zeros((1, 3, 64, 64), np.float32)})[0].shape == (1, 3, 32, 32)  # logits at 1/2
 
 
 def test_losses__ignore_only_batch_is_zero_not_nan() -> None:

@@ -73,6 +73,7 @@ class SegHead(Choice):
     linear = "linear"  # DINOv2's linear evaluation head: BatchNorm + 1x1 conv on the last layer's patch tokens
     linear_ms = "linear_ms"  # the same on the last 4 layers' tokens, concatenated
     decoder = "decoder"  # a light progressive-upsampling decoder over the last 4 layers
+    decoder_skip = "decoder_skip"  # the same, fused with a shallow conv stem on the image at 1/4 and 1/2 (U-Net skips)
 
 
 class SegLoss(Choice):

@@ -1,14 +1,16 @@
-"""Segmentation heads on backbone feature maps: the DINOv2 linear probe and a light decoder.
+"""Segmentation heads on backbone feature maps: the DINOv2 linear probe and two light decoders.
 
 Every head takes one tensor `[B, C, h, w]`: the feature maps of the chosen blocks, resized to the
 finest one and concatenated along channels (`encode` in `vfmtune.tasks.segmenter`). A 1x1
 convolution of that concatenation is the sum of one 1x1 convolution per block, so heads need not
 know how many blocks fed them, and the patch-token cache stores exactly what a head reads.
+`SkipDecoder` (`reads_image`) also takes the normalised images, so it cannot train on that cache.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
@@ -29,8 +31,8 @@ class LinearHead(nn.Module):
         return self.classifier(self.norm(x))
 
 
-def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class LightDecoder(nn.Module):
@@ -59,10 +61,51 @@ class LightDecoder(nn.Module):
         return self.classifier(self.up(self.project(x)))
 
 
+class SkipDecoder(nn.Module):
+    """Patch features decoded with U-Net skips from the image: `([B, C, h, w], [B, 3, S, S]) -> [B, K, S/2, S/2]`.
+
+    A ViT's finest map is 1/14 of its input, so a 14-px patch paints objects a few pixels wide (roofs in
+    0.5 m aerial tiles) as blobs; a CNN's U-Net recovers their edges from its own stride-2 and stride-4
+    maps. Here a shallow stem, trained from scratch, gives the decoder those maps of the image (edges and
+    colour; the semantics stay the backbone's), in the spirit of ViT-Adapter's spatial prior (Chen et al.
+    2023, https://arxiv.org/abs/2205.08534): project and refine the patch map, then twice upsample,
+    concatenate the stem's map of that scale, and conv-BN-ReLU.
+
+    Args:
+        in_channels: channels of the concatenated patch maps.
+        num_classes: K.
+        dim: width after projection; the 1/4 and 1/2 steps use dim/2 and dim/4.
+    """
+
+    reads_image = True
+
+    def __init__(self, in_channels: int, num_classes: int, dim: int = 128) -> None:
+        super().__init__()
+        self.project = nn.Sequential(nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, dim, 1))
+        self.refine = _conv_bn_relu(dim, dim)
+        self.stem2 = nn.Sequential(_conv_bn_relu(3, 24, stride=2), _conv_bn_relu(24, 24))
+        self.stem4 = nn.Sequential(_conv_bn_relu(24, 48, stride=2), _conv_bn_relu(48, 48))
+        self.fuse4 = _conv_bn_relu(dim + 48, dim // 2)
+        self.fuse2 = _conv_bn_relu(dim // 2 + 24, dim // 4)
+        self.classifier = nn.Conv2d(dim // 4, num_classes, 1)
+
+    @override
+    def forward(self, x: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        s2 = self.stem2(images)
+        s4 = self.stem4(s2)
+        x = self.refine(self.project(x))
+        x = self.fuse4(torch.cat([F.interpolate(x, size=s4.shape[-2:], mode="bilinear", align_corners=False), s4], 1))
+        x = self.fuse2(torch.cat([F.interpolate(x, size=s2.shape[-2:], mode="bilinear", align_corners=False), s2], 1))
+        return self.classifier(x)
+
+
 def build_seg_head(kind: SegHead, in_channels: int, num_classes: int, decoder_dim: int = 128) -> nn.Module:
-    """`segment.head`: linear and linear_ms are `LinearHead`s (on 1 or 4 blocks), decoder a `LightDecoder`."""
+    """`segment.head`: linear and linear_ms are `LinearHead`s (on 1 or 4 blocks), decoder a `LightDecoder`,
+    decoder_skip a `SkipDecoder`."""
     if kind == SegHead.decoder:
         return LightDecoder(in_channels, num_classes, decoder_dim)
+    if kind == SegHead.decoder_skip:
+        return SkipDecoder(in_channels, num_classes, decoder_dim)
     return LinearHead(in_channels, num_classes)
 
 

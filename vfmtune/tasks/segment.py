@@ -119,7 +119,10 @@ class SegmentTask(Task):
         window = training_window(prepared)
         model = Segmenter(config, table.classes, class_pixels=prepared.pixel_counts[train].sum(0).tolist(), window=window)
         unfreezing = progressive_callback(config, model)  # validates the schedule before any training
-        cached = config.finetune.cache_embeddings and is_frozen(model.backbone) and not model.progressive
+        cached = config.finetune.cache_embeddings and is_frozen(model.backbone) and not model.progressive and not model.reads_image
+        if config.finetune.cache_embeddings and is_frozen(model.backbone) and model.reads_image:
+            print(f"segment.head={config.segment.head} reads the images too: the frozen backbone runs on every batch "
+                  "(no patch-token cache)")
         print(param_table(model.backbone, model.head))
         dcfg = model.data_cfg
         square = (model.size, model.size)

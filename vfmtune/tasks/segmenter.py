@@ -17,7 +17,7 @@ from vfmtune.config import Config
 from vfmtune.metrics import MaskMetrics
 from vfmtune.seg_losses import build_seg_loss
 from vfmtune.tasks.adapted import AdaptedModule
-from vfmtune.tasks.seg_heads import LightDecoder, LinearHead, build_seg_head, default_layers
+from vfmtune.tasks.seg_heads import LightDecoder, LinearHead, SkipDecoder, build_seg_head, default_layers
 from vfmtune.tiling import sliding_window
 
 
@@ -71,6 +71,7 @@ class Segmenter(AdaptedModule):
             channels = encode(self.backbone.eval(), torch.zeros(1, 3, self.size, self.size), self.layers).shape[1]
         self.backbone.train(was_training)
         self.head = build_seg_head(seg.head, channels, len(classes), seg.decoder_dim)
+        self.reads_image = getattr(self.head, "reads_image", False)
         self.loss_fn = build_seg_loss(seg, pixels)
         # True when batches hold cached token maps [B, C, h, w] instead of images [B, 3, S, S].
         self.tokens_input = False
@@ -81,7 +82,7 @@ class Segmenter(AdaptedModule):
         # Only the norm on backbone features: the decoder's inner norms see its own, moving, activations.
         if isinstance(self.head, LinearHead):
             return [self.head.norm]
-        return [self.head.project[0]] if isinstance(self.head, LightDecoder) else []
+        return [self.head.project[0]] if isinstance(self.head, LightDecoder | SkipDecoder) else []
 
     @property
     @override
@@ -93,12 +94,14 @@ class Segmenter(AdaptedModule):
         return encode(self.backbone, images, self.layers)
 
     def low_res(self, images: torch.Tensor) -> torch.Tensor:
-        """Images `[B, 3, S, S]` -> logits at the head's resolution `[B, K, h, w]` (what tiles and exports run)."""
-        return self.head(self.encode(images))
+        """Images `[B, 3, S, S]` -> logits at the head's resolution `[B, K, h, w]` (what tiles and exports run;
+        `h = S / patch`, or `S / 2` for a head that reads the image)."""
+        tokens = self.encode(images)
+        return self.head(tokens, images) if self.reads_image else self.head(tokens)
 
     def logits(self, inputs: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """Logits `[B, K, *size]` of images or (with `tokens_input`) of cached token maps."""
-        low = self.head(inputs if self.tokens_input else self.encode(inputs))
+        low = self.head(inputs) if self.tokens_input else self.low_res(inputs)
         return F.interpolate(low, size=tuple(size), mode="bilinear", align_corners=False)
 
     @override
