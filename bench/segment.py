@@ -44,6 +44,10 @@ CONFIGS: dict[str, list[str]] = {
     # ... with image skips into the decoder (the U-Net's edge: full-resolution maps for roofs a few pixels wide)
     "lora_448_skip_e60": ["finetune=lora", "segment.head=decoder_skip", "backbone.img_size=448", "optim.lr=1e-3",
                           "optim.backbone_lr_scale=1.0", "trainer.max_epochs=60", "early_stopping.enabled=false", "data.batch_size=4"],
+    # ... with the skips from ImageNet EfficientNet-Lite0's first two stages (the U-Net's encoder, pruned) instead
+    "lora_448_skiplite0_e60": ["finetune=lora", "segment.head=decoder_skip", "segment.skip_encoder=timm/tf_efficientnet_lite0",
+                               "backbone.img_size=448", "optim.lr=1e-3", "optim.backbone_lr_scale=1.0", "trainer.max_epochs=60",
+                               "early_stopping.enabled=false", "data.batch_size=4"],
     # an uncached epoch of linear_448, to time it against the cached one
     "nocache_linear_448": [*FROZEN, "segment.head=linear", "backbone.img_size=448", "optim.lr=1e-2", "trainer.max_epochs=2",
                            "finetune.cache_embeddings=false", "data.augment.enabled=false"],

@@ -150,6 +150,34 @@ def test_decoder_skip__trains_on_images_and_exports(seg_run: dict[str, Path], tm
     assert session.run(None, {"image": np.zeros((1, 3, 64, 64), np.float32)})[0].shape == (1, 3, 32, 32)  # logits at 1/2
 
 
+def test_encoder_stem__imagenet_cnn_levels_in_its_own_normalisation() -> None:
+    from vfmtune.backbones import create_backbone
+    from vfmtune.tasks.seg_heads import EncoderStem
+    from vfmtune.tasks.segmenter import Segmenter
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2's; Lite0 wants 0.5 / 0.5
+    stem = EncoderStem(create_backbone("timm/tf_efficientnet_lite0", weights="packaged"), mean, std).eval()
+    lite0 = create_backbone("timm/tf_efficientnet_lite0", weights="packaged").eval()
+    assert stem.channels == (16, 24) and len(stem.cnn.blocks) == 2  # pruned after the stride-4 stage
+    image = torch.rand(1, 3, 64, 64)
+    ours = stem((image - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    with torch.no_grad():
+        theirs = lite0.forward_intermediates((image - 0.5) / 0.5, indices=(0, 1), intermediates_only=True)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(ours, theirs))
+    def config(cnn: str) -> dict:
+        return {"task": "segment", "backbone": {"name": "timm/test_vit", "weights": "none", "img_size": 64},
+                "segment": {"head": "decoder_skip", "skip_encoder": cnn}}
+
+    model = Segmenter(config("timm/tf_efficientnet_lite0"), ["a", "b"])
+    assert torch.equal(model.head.stem.cnn.conv_stem.weight, lite0.conv_stem.weight)  # ImageNet weights, offline
+    reloaded = Segmenter(config("timm/tf_efficientnet_lite0"), ["a", "b"], load_weights=False)  # as a checkpoint is read
+    assert not torch.equal(reloaded.head.stem.cnn.conv_stem.weight, lite0.conv_stem.weight)
+    reloaded.load_state_dict(model.state_dict())
+    assert torch.equal(reloaded.head.stem.cnn.conv_stem.weight, lite0.conv_stem.weight)
+    with pytest.raises(ValueError, match="strides \\[16, 16\\], not 2 and 4"):
+        Segmenter(config("timm/test_vit"), ["a", "b"])
+
+
 def test_losses__ignore_only_batch_is_zero_not_nan() -> None:
     logits = torch.randn(2, 3, 8, 8, requires_grad=True)
     ignored = torch.full((2, 8, 8), 255)

@@ -61,51 +61,100 @@ class LightDecoder(nn.Module):
         return self.classifier(self.up(self.project(x)))
 
 
+class ConvStem(nn.Module):
+    """Images `[B, 3, S, S]` -> `[maps at S/2, maps at S/4]`, two conv-BN-ReLU pairs trained from scratch."""
+
+    channels = (24, 48)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s2 = nn.Sequential(_conv_bn_relu(3, 24, stride=2), _conv_bn_relu(24, 24))
+        self.s4 = nn.Sequential(_conv_bn_relu(24, 48, stride=2), _conv_bn_relu(48, 48))
+
+    @override
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        s2 = self.s2(images)
+        return [s2, self.s4(s2)]
+
+
+class EncoderStem(nn.Module):
+    """A timm CNN's first two feature levels (strides 2 and 4, `forward_intermediates`; the rest of the network
+    pruned away) as skips. Images arrive normalised for the backbone and are re-normalised to the CNN's own
+    mean / std (an affine map per channel) first.
+
+    Args:
+        cnn: a timm classification model with `forward_intermediates` (EfficientNet, MobileNetV3, ResNet, ...).
+        mean, std: the backbone's normalisation, which the images arrive in.
+    """
+
+    def __init__(self, cnn: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        cnn.prune_intermediate_layers(indices=(0, 1), prune_head=True)
+        self.cnn = cnn
+        own_mean = torch.tensor(cnn.pretrained_cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
+        own_std = torch.tensor(cnn.pretrained_cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
+        self.register_buffer("scale", torch.tensor(std).view(1, 3, 1, 1) / own_std, persistent=False)
+        self.register_buffer("shift", (torch.tensor(mean).view(1, 3, 1, 1) - own_mean) / own_std, persistent=False)
+        was_training = cnn.training
+        with torch.no_grad():  # in eval mode: a probe must not move BatchNorm statistics
+            maps = self.eval()(torch.zeros(1, 3, 64, 64))
+        cnn.train(was_training)
+        if [m.shape[-1] for m in maps] != [32, 16]:
+            raise ValueError(f"segment.skip_encoder: its first two levels have strides {[64 // m.shape[-1] for m in maps]}, "
+                             "not 2 and 4; use a CNN such as timm/tf_efficientnet_lite0 or timm/mobilenetv3_large_100.")
+        self.channels = tuple(m.shape[1] for m in maps)
+
+    @override
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.cnn.forward_intermediates(images * self.scale + self.shift, indices=(0, 1), intermediates_only=True)
+
+
 class SkipDecoder(nn.Module):
     """Patch features decoded with U-Net skips from the image: `([B, C, h, w], [B, 3, S, S]) -> [B, K, S/2, S/2]`.
 
     A ViT's finest map is 1/14 of its input, so a 14-px patch paints objects a few pixels wide (roofs in
     0.5 m aerial tiles) as blobs; a CNN's U-Net recovers their edges from its own stride-2 and stride-4
-    maps. Here a shallow stem, trained from scratch, gives the decoder those maps of the image (edges and
-    colour; the semantics stay the backbone's), in the spirit of ViT-Adapter's spatial prior (Chen et al.
-    2023, https://arxiv.org/abs/2205.08534): project and refine the patch map, then twice upsample,
-    concatenate the stem's map of that scale, and conv-BN-ReLU.
+    maps. Here a stem gives the decoder those maps of the image (edges and colour; the semantics stay the
+    backbone's), in the spirit of ViT-Adapter's spatial prior (Chen et al. 2023,
+    https://arxiv.org/abs/2205.08534): project and refine the patch map, then twice upsample, concatenate
+    the stem's map of that scale, and conv-BN-ReLU.
 
     Args:
         in_channels: channels of the concatenated patch maps.
         num_classes: K.
         dim: width after projection; the 1/4 and 1/2 steps use dim/2 and dim/4.
+        stem: `ConvStem` (from scratch, the default) or an `EncoderStem` (an ImageNet CNN's first levels).
     """
 
     reads_image = True
 
-    def __init__(self, in_channels: int, num_classes: int, dim: int = 128) -> None:
+    def __init__(self, in_channels: int, num_classes: int, dim: int = 128, stem: ConvStem | EncoderStem | None = None) -> None:
         super().__init__()
+        self.stem = stem or ConvStem()
+        c2, c4 = self.stem.channels
         self.project = nn.Sequential(nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, dim, 1))
         self.refine = _conv_bn_relu(dim, dim)
-        self.stem2 = nn.Sequential(_conv_bn_relu(3, 24, stride=2), _conv_bn_relu(24, 24))
-        self.stem4 = nn.Sequential(_conv_bn_relu(24, 48, stride=2), _conv_bn_relu(48, 48))
-        self.fuse4 = _conv_bn_relu(dim + 48, dim // 2)
-        self.fuse2 = _conv_bn_relu(dim // 2 + 24, dim // 4)
+        self.fuse4 = _conv_bn_relu(dim + c4, dim // 2)
+        self.fuse2 = _conv_bn_relu(dim // 2 + c2, dim // 4)
         self.classifier = nn.Conv2d(dim // 4, num_classes, 1)
 
     @override
     def forward(self, x: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        s2 = self.stem2(images)
-        s4 = self.stem4(s2)
+        s2, s4 = self.stem(images)
         x = self.refine(self.project(x))
         x = self.fuse4(torch.cat([F.interpolate(x, size=s4.shape[-2:], mode="bilinear", align_corners=False), s4], 1))
         x = self.fuse2(torch.cat([F.interpolate(x, size=s2.shape[-2:], mode="bilinear", align_corners=False), s2], 1))
         return self.classifier(x)
 
 
-def build_seg_head(kind: SegHead, in_channels: int, num_classes: int, decoder_dim: int = 128) -> nn.Module:
+def build_seg_head(kind: SegHead, in_channels: int, num_classes: int, decoder_dim: int = 128,
+                   stem: EncoderStem | None = None) -> nn.Module:
     """`segment.head`: linear and linear_ms are `LinearHead`s (on 1 or 4 blocks), decoder a `LightDecoder`,
-    decoder_skip a `SkipDecoder`."""
+    decoder_skip a `SkipDecoder` (on `stem`, else a `ConvStem`)."""
     if kind == SegHead.decoder:
         return LightDecoder(in_channels, num_classes, decoder_dim)
     if kind == SegHead.decoder_skip:
-        return SkipDecoder(in_channels, num_classes, decoder_dim)
+        return SkipDecoder(in_channels, num_classes, decoder_dim, stem)
     return LinearHead(in_channels, num_classes)
 
 

@@ -11,13 +11,15 @@ from torch import nn
 from typing_extensions import override
 
 from vfmtune.adapt.backbone import adapted_backbone
-from vfmtune.backbones import data_config, patch_tokens
+from vfmtune.backbones import create_backbone, data_config, patch_tokens
+from vfmtune.choices import SegHead, StudentWeights
 from vfmtune.compose import to_container, typed
 from vfmtune.config import Config
 from vfmtune.metrics import MaskMetrics
 from vfmtune.seg_losses import build_seg_loss
 from vfmtune.tasks.adapted import AdaptedModule
-from vfmtune.tasks.seg_heads import LightDecoder, LinearHead, SkipDecoder, build_seg_head, default_layers
+from vfmtune.tasks.distiller import student_weights_source
+from vfmtune.tasks.seg_heads import EncoderStem, LightDecoder, LinearHead, SkipDecoder, build_seg_head, default_layers
 from vfmtune.tiling import sliding_window
 
 
@@ -28,6 +30,16 @@ def encode(backbone: nn.Module, images: torch.Tensor, layers: int) -> torch.Tens
     size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
     maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
     return torch.cat(maps, 1)
+
+
+def skip_stem(config: Config, dcfg: dict[str, Any], load_weights: bool) -> EncoderStem | None:
+    """`segment.skip_encoder`'s first two levels for `decoder_skip`, with its ImageNet weights unless a state
+    dict follows (None: no skip encoder configured)."""
+    name = config.segment.skip_encoder
+    if name is None or config.segment.head != SegHead.decoder_skip:
+        return None
+    weights = str(student_weights_source(name, StudentWeights.auto)) if load_weights else "none"
+    return EncoderStem(create_backbone(name, weights=weights), tuple(dcfg["mean"]), tuple(dcfg["std"]))
 
 
 class Segmenter(AdaptedModule):
@@ -70,7 +82,7 @@ class Segmenter(AdaptedModule):
         with torch.no_grad():
             channels = encode(self.backbone.eval(), torch.zeros(1, 3, self.size, self.size), self.layers).shape[1]
         self.backbone.train(was_training)
-        self.head = build_seg_head(seg.head, channels, len(classes), seg.decoder_dim)
+        self.head = build_seg_head(seg.head, channels, len(classes), seg.decoder_dim, skip_stem(config, self.data_cfg, load_weights))
         self.reads_image = getattr(self.head, "reads_image", False)
         self.loss_fn = build_seg_loss(seg, pixels)
         # True when batches hold cached token maps [B, C, h, w] instead of images [B, 3, S, S].
