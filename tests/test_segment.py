@@ -150,10 +150,11 @@ def test_decoder_skip__trains_on_images_and_exports(seg_run: dict[str, Path], tm
     assert session.run(None, {"image": np.zeros((1, 3, 64, 64), np.float32)})[0].shape == (1, 3, 32, 32)  # logits at 1/2
 
 
-def test_encoder_stem__imagenet_cnn_levels_in_its_own_normalisation() -> None:
+def test_encoder_stem__imagenet_cnn_levels_in_its_own_normalisation(monkeypatch: pytest.MonkeyPatch) -> None:
     from vfmtune.backbones import create_backbone
     from vfmtune.tasks.seg_heads import EncoderStem
     from vfmtune.tasks.segmenter import Segmenter
+    from vfmtune.weights import WeightsError
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2's; Lite0 wants 0.5 / 0.5
     stem = EncoderStem(create_backbone("timm/tf_efficientnet_lite0", weights="packaged"), mean, std).eval()
@@ -175,7 +176,10 @@ def test_encoder_stem__imagenet_cnn_levels_in_its_own_normalisation() -> None:
     reloaded.load_state_dict(model.state_dict())
     assert torch.equal(reloaded.head.stem.cnn.conv_stem.weight, lite0.conv_stem.weight)
     with pytest.raises(ValueError, match="strides \\[16, 16\\], not 2 and 4"):
-        Segmenter(config("timm/test_vit"), ["a", "b"])
+        Segmenter(config("timm/test_vit"), ["a", "b"], load_weights=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="segment.skip_encoder=timm/resnet18: no packaged weights"):
+        Segmenter(config("timm/resnet18"), ["a", "b"])  # offline: fails fast, naming the setting
 
 
 def test_losses__ignore_only_batch_is_zero_not_nan() -> None:

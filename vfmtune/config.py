@@ -203,8 +203,9 @@ class SegmentConfig:
     head: SegHead = SegHead.linear
     layers: int | None = None  # how many of the last blocks feed the head; None: 1 for linear, 4 otherwise
     decoder_dim: int = 128  # decoder: channels of the upsampling path
-    # decoder_skip: "timm/<cnn>" whose stride-2 and -4 feature maps (ImageNet weights as distill.weights=auto finds
-    # them: packaged, else the hub) are the skips, trained with the head; null: a small stem trained from scratch
+    # decoder_skip: "timm/<cnn>" whose stride-2 and -4 feature maps (ImageNet weights: packaged where vfmtune packages
+    # them, e.g. timm/tf_efficientnet_lite0, else the hub) are the skips, trained with the head; null: a small stem
+    # trained from scratch
     skip_encoder: str | None = None
     loss: SegLoss = SegLoss.ce_dice
     # ce / focal: per-class weights from the TRAINING split's pixel counts: null | balanced | effective_number | [w_0, ...]

@@ -11,16 +11,16 @@ from torch import nn
 from typing_extensions import override
 
 from vfmtune.adapt.backbone import adapted_backbone
-from vfmtune.backbones import create_backbone, data_config, patch_tokens
-from vfmtune.choices import SegHead, StudentWeights
+from vfmtune.backbones import create_backbone, data_config, patch_tokens, resolve_model_name
+from vfmtune.choices import SegHead
 from vfmtune.compose import to_container, typed
 from vfmtune.config import Config
 from vfmtune.metrics import MaskMetrics
 from vfmtune.seg_losses import build_seg_loss
 from vfmtune.tasks.adapted import AdaptedModule
-from vfmtune.tasks.distiller import student_weights_source
 from vfmtune.tasks.seg_heads import EncoderStem, LightDecoder, LinearHead, SkipDecoder, build_seg_head, default_layers
 from vfmtune.tiling import sliding_window
+from vfmtune.weights import WeightsError, packaged_weights
 
 
 def encode(backbone: nn.Module, images: torch.Tensor, layers: int) -> torch.Tensor:
@@ -33,13 +33,24 @@ def encode(backbone: nn.Module, images: torch.Tensor, layers: int) -> torch.Tens
 
 
 def skip_stem(config: Config, dcfg: dict[str, Any], load_weights: bool) -> EncoderStem | None:
-    """`segment.skip_encoder`'s first two levels for `decoder_skip`, with its ImageNet weights unless a state
-    dict follows (None: no skip encoder configured)."""
+    """`segment.skip_encoder`'s first two levels for `decoder_skip`, with its ImageNet weights (packaged where
+    vfmtune packages them, else the hub) unless a state dict follows (None: no skip encoder configured)."""
     name = config.segment.skip_encoder
     if name is None or config.segment.head != SegHead.decoder_skip:
         return None
-    weights = str(student_weights_source(name, StudentWeights.auto)) if load_weights else "none"
-    return EncoderStem(create_backbone(name, weights=weights), tuple(dcfg["mean"]), tuple(dcfg["std"]))
+    weights = "none"
+    if load_weights:
+        try:
+            packaged_weights(resolve_model_name(name).removeprefix("timm/"))
+            weights = "packaged"
+        except WeightsError:  # online users: timm's hub weights (offline: create_backbone fails fast, naming the fix)
+            weights = "hub"
+    try:
+        cnn = create_backbone(name, weights=weights)
+    except WeightsError as e:
+        raise WeightsError(f"segment.skip_encoder={name}: no packaged weights (packaged: timm/tf_efficientnet_lite0), "
+                           f"so its ImageNet weights come from the hub:\n{e}") from e
+    return EncoderStem(cnn, tuple(dcfg["mean"]), tuple(dcfg["std"]))
 
 
 class Segmenter(AdaptedModule):
