@@ -24,6 +24,8 @@ from seg_data import build, cache_root
 import vfmtune
 
 FROZEN = ["finetune=frozen", "early_stopping.enabled=false", "data.batch_size=8"]
+LORA_448 = ["finetune=lora", "backbone.img_size=448", "optim.lr=1e-3", "optim.backbone_lr_scale=1.0",
+            "early_stopping.enabled=false", "data.batch_size=4"]
 CONFIGS: dict[str, list[str]] = {
     # DINOv2's linear evaluation head on the last block's tokens, at two input sizes
     "linear_224": [*FROZEN, "segment.head=linear", "backbone.img_size=224", "optim.lr=1e-2", "trainer.max_epochs=150"],
@@ -36,18 +38,14 @@ CONFIGS: dict[str, list[str]] = {
     # the light decoder on the last 4 blocks
     "decoder_448": [*FROZEN, "segment.head=decoder", "backbone.img_size=448", "optim.lr=1e-3", "trainer.max_epochs=150"],
     # LoRA r=8 on attention + the light decoder, images (augmented) instead of cached tokens
-    "lora_448": ["finetune=lora", "segment.head=decoder", "backbone.img_size=448", "optim.lr=1e-3", "optim.backbone_lr_scale=1.0",
-                 "trainer.max_epochs=30", "early_stopping.enabled=false", "data.batch_size=4"],
+    "lora_448": [*LORA_448, "segment.head=decoder", "trainer.max_epochs=30"],
     # the same trained twice as long (buildings: is 30 epochs, the nuclei setting, too short?)
-    "lora_448_e60": ["finetune=lora", "segment.head=decoder", "backbone.img_size=448", "optim.lr=1e-3", "optim.backbone_lr_scale=1.0",
-                     "trainer.max_epochs=60", "early_stopping.enabled=false", "data.batch_size=4"],
+    "lora_448_e60": [*LORA_448, "segment.head=decoder", "trainer.max_epochs=60"],
     # ... with image skips into the decoder (the U-Net's edge: full-resolution maps for roofs a few pixels wide)
-    "lora_448_skip_e60": ["finetune=lora", "segment.head=decoder_skip", "backbone.img_size=448", "optim.lr=1e-3",
-                          "optim.backbone_lr_scale=1.0", "trainer.max_epochs=60", "early_stopping.enabled=false", "data.batch_size=4"],
+    "lora_448_skip_e60": [*LORA_448, "segment.head=decoder_skip", "trainer.max_epochs=60"],
     # ... with the skips from ImageNet EfficientNet-Lite0's first two stages (the U-Net's encoder, pruned) instead
-    "lora_448_skiplite0_e60": ["finetune=lora", "segment.head=decoder_skip", "segment.skip_encoder=timm/tf_efficientnet_lite0",
-                               "backbone.img_size=448", "optim.lr=1e-3", "optim.backbone_lr_scale=1.0", "trainer.max_epochs=60",
-                               "early_stopping.enabled=false", "data.batch_size=4"],
+    "lora_448_skiplite0_e60": [*LORA_448, "segment.head=decoder_skip", "segment.skip_encoder=timm/tf_efficientnet_lite0",
+                               "trainer.max_epochs=60"],
     # an uncached epoch of linear_448, to time it against the cached one
     "nocache_linear_448": [*FROZEN, "segment.head=linear", "backbone.img_size=448", "optim.lr=1e-2", "trainer.max_epochs=2",
                            "finetune.cache_embeddings=false", "data.augment.enabled=false"],

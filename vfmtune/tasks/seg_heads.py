@@ -96,8 +96,9 @@ class EncoderStem(nn.Module):
         self.register_buffer("scale", torch.tensor(std).view(1, 3, 1, 1) / own_std, persistent=False)
         self.register_buffer("shift", (torch.tensor(mean).view(1, 3, 1, 1) - own_mean) / own_std, persistent=False)
         was_training = cnn.training
-        with torch.no_grad():  # in eval mode: a probe must not move BatchNorm statistics
-            maps = self.eval()(torch.zeros(1, 3, 64, 64))
+        cnn.eval()  # a probe must not move BatchNorm statistics
+        with torch.no_grad():
+            maps = self(torch.zeros(1, 3, 64, 64))
         cnn.train(was_training)
         if [m.shape[-1] for m in maps] != [32, 16]:
             raise ValueError(f"segment.skip_encoder: its first two levels have strides {[64 // m.shape[-1] for m in maps]}, "

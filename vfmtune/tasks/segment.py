@@ -119,10 +119,11 @@ class SegmentTask(Task):
         window = training_window(prepared)
         model = Segmenter(config, table.classes, class_pixels=prepared.pixel_counts[train].sum(0).tolist(), window=window)
         unfreezing = progressive_callback(config, model)  # validates the schedule before any training
-        cached = config.finetune.cache_embeddings and is_frozen(model.backbone) and not model.progressive and not model.reads_image
-        if config.finetune.cache_embeddings and is_frozen(model.backbone) and model.reads_image:
+        cacheable = config.finetune.cache_embeddings and is_frozen(model.backbone) and not model.progressive
+        if cacheable and model.reads_image:
             print(f"segment.head={config.segment.head} reads the images too: the frozen backbone runs on every batch "
                   "(no patch-token cache)")
+        cached = cacheable and not model.reads_image
         print(param_table(model.backbone, model.head))
         dcfg = model.data_cfg
         square = (model.size, model.size)
